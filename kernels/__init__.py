@@ -1,0 +1,1 @@
+"""Fused merge kernels (Triton), each beside its plain-PyTorch reference; `dispatch` picks the path."""

@@ -1,0 +1,1 @@
+"""Per-language pipeline configs (`*.yaml`), shipped as package data and read through `importlib.resources`."""

@@ -1,0 +1,72 @@
+"""Packaging: `kernels/`, `pipelines/` and `languages/` install under the `workbench` namespace.
+
+A top-level `kernels` module would collide with Hugging Face's `kernels` package, which
+`transformers` probes for, so the folders are mapped with `package_dir` (DESIGN.md §2).
+"""
+import os
+
+from setuptools import setup
+
+# Installed package name -> folder in this repository.
+ROOTS = {
+    "workbench": "workbench",
+    "workbench.kernels": "kernels",
+    "workbench.pipelines": "pipelines",
+    "workbench.languages": "languages",
+}
+
+
+def _packages():
+    """Every package under each root, with its folder, so subpackages map too."""
+    packages, package_dir = [], {}
+    for name, folder in ROOTS.items():
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+            if "__init__.py" not in filenames:
+                continue
+            rel = os.path.relpath(dirpath, folder)
+            pkg = name if rel == "." else name + "." + rel.replace(os.sep, ".")
+            packages.append(pkg)
+            package_dir[pkg] = dirpath
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
+setup(
+    name="workbench",
+    version="0.1.0",
+    description="Low-resource language adaptation workbench: continual pretraining, task experts, "
+                "and fused Triton merge kernels (TIES-SV, layer swapping).",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"workbench.languages": ["*.yaml", "corpora/*.txt", "corpora/*.md"]},
+    include_package_data=False,
+    install_requires=[
+        # The upper bound keeps pip on the CPU wheel this machine has (2.13.0) and never pulls
+        # a newer CUDA build; widen it only after checking that nothing else would be pulled.
+        "torch>=2.4,<2.14",
+        "triton>=3.0",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "safetensors>=0.4.3",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "huggingface_hub>=0.25",
+        "gguf>=0.10",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+    entry_points={"console_scripts": ["workbench=workbench.cli:main"]},
+)
