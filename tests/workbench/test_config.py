@@ -1,0 +1,102 @@
+"""The language-config schema: every shipped file loads; bad values fail with file, key path, value, expectation."""
+import textwrap
+
+import pytest
+
+from workbench.config.loader import available_languages, load_language, validate_all_shipped
+from workbench.errors import ConfigError
+
+PAPER_LANGUAGES = {"sw", "te", "bn", "ja", "bo", "ug", "mn"}
+
+
+def test_every_shipped_language_and_profile_loads():
+    shipped = validate_all_shipped()
+    assert set(shipped) == PAPER_LANGUAGES
+    for code, lang in shipped.items():
+        assert lang.code == code
+        for profile in lang.profiles:
+            loaded = load_language(code, profile=profile)
+            assert loaded.profile.merges, (code, profile)
+    # The offline profile exists for sw and at least two more languages.
+    assert sum("micro" in lang.profiles for lang in shipped.values()) >= 3
+
+
+def test_shipped_local_sources_exist():
+    for code in available_languages():
+        loaded = load_language(code)
+        for name, src in loaded.language.sources.items():
+            if src.path:
+                assert (loaded.base_dir / src.path).is_file(), f"{code}: sources.{name}: {src.path}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("merges.ties.models[0].density=1.5",
+     "languages/sw.yaml: profiles.micro.merges.ties.models[0].density: expected a number in (0, 1], got 1.5"),
+    ("language_expert.pretrain.max_steps=0",
+     "languages/sw.yaml: profiles.micro.language_expert.pretrain.max_steps: expected an integer >= 1, got 0"),
+    ("language_expert.pretrain.method=qlora",
+     "languages/sw.yaml: profiles.micro.language_expert.pretrain.method: expected one of 'lora', 'full', got 'qlora'"),
+    ("eval.batch_size=true",
+     "languages/sw.yaml: profiles.micro.eval.batch_size: expected an integer >= 1, got True"),
+    ("merges.ties_sv.models[1].slack=0.8",
+     "languages/sw.yaml: profiles.micro.merges.ties_sv.models[1].slack: expected density + slack <= 1, got 0.3 + 0.8"),
+    ("merges.ties.models[1].slack=0.1",
+     "languages/sw.yaml: profiles.micro.merges.ties.models[1].slack: slack applies to method 'ties_sv' only"),
+    ("corpus.heldout_fraction=0",
+     "languages/sw.yaml: profiles.micro.corpus.heldout_fraction: expected a number in (0, 0.5], got 0"),
+])
+def test_bad_values_name_file_key_value_and_expectation(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_language("sw", overrides=[override])
+    assert str(err.value).startswith(message)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"profiles\.micro\.eval\.batch_sise: unknown key \(did you mean "
+                                          r"'batch_size'\?\)"):
+        load_language("sw", overrides=["eval.batch_sise=4"])
+
+
+def test_unknown_language_and_profile_list_the_choices():
+    with pytest.raises(ConfigError, match=r"unknown language 'xx'; available: bn, bo, ja, mn, sw, te, ug"):
+        load_language("xx")
+    with pytest.raises(ConfigError, match=r"profile 'nope' does not exist; this language has: micro, "
+                                          r"paper-layer-swap"):
+        load_language("sw", profile="nope")
+
+
+def test_overrides_and_fast_variant_apply():
+    loaded = load_language("sw", overrides=["language_expert.pretrain.max_steps=7",
+                                            "profiles.micro.eval.batch_size=3"])
+    assert loaded.profile.language_expert.pretrain.max_steps == 7
+    assert loaded.profile.eval.batch_size == 3
+    fast = load_language("sw", fast=True)
+    assert fast.profile.language_expert.pretrain.max_steps < loaded.profile.language_expert.pretrain.max_steps
+
+
+def test_user_yaml_file_with_relative_paths(tmp_path):
+    src = load_language("sw").file.read_text(encoding="utf-8")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("Habari za asubuhi, rafiki yangu mpendwa.\n", encoding="utf-8")
+    own = tmp_path / "my_sw.yaml"
+    own.write_text(src.replace("path: corpora/sw.txt", "path: text.txt"), encoding="utf-8")
+    loaded = load_language(str(own))
+    assert loaded.source == str(own)
+    assert (loaded.base_dir / loaded.language.sources["shipped"].path) == corpus
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""\
+        code: xx
+        name: [unclosed
+        """), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+, column \d+: not valid YAML"):
+        load_language(str(bad))
+
+
+def test_missing_required_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("code: xx\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: name: missing required key; expected a string"):
+        load_language(str(bad))

@@ -1,0 +1,80 @@
+"""The `workbench` command: one module per subcommand, each with `add_arguments(parser)` and `run(args)`.
+
+Exit codes: 0 success, 2 bad usage or config, 1 runtime failure. Errors print as one line; `--debug`
+shows the traceback.
+"""
+import argparse
+import importlib
+import sys
+
+from workbench import __version__
+from workbench.errors import WorkbenchError
+
+COMMANDS = {
+    "adapt": "run the whole pipeline for a language: corpus, CT, experts, merges, evaluation, report",
+    "pretrain": "continual pretraining of the base on target-language text (the language expert)",
+    "fetch": "fetch base models and task experts (hub id + revision, local path or GGUF)",
+    "analyze": "per-layer delta magnitudes of experts against a base, heatmap and suggested swap blocks",
+    "merge": "merge models by a recipe (linear, task arithmetic, TIES, TIES-SV, DARE-TIES, layer swap)",
+    "eval": "evaluate models: target-language perplexity and MGSM-format accuracy, one table",
+    "bench": "benchmarks: fused kernels, whole merges, pretraining throughput",
+    "languages": "list the shipped languages and their profiles, or check a config file",
+}
+
+
+def _debug_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description="Low-resource language adaptation: continual pretraining, task experts, and fused merges "
+                    "(TIES-SV, layer swapping). Start with: workbench adapt --lang sw --profile micro",
+        parents=[_debug_parent()])
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        module = importlib.import_module(f"workbench.cli.{name}_cmd")
+        p = sub.add_parser(name, help=summary, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_debug_parent()])
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # bad usage: argparse prints it and exits with 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.run(args) or 0)
+    except WorkbenchError as e:
+        if debug:
+            raise
+        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # `workbench languages | head`: the reader left; nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"\nworkbench {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: still one line unless --debug
+        if debug:
+            raise
+        print(f"workbench {args.command}: internal error: {type(e).__name__}: {e} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Arguments shared by the config-driven commands (--lang, --profile, --set)."""
+from workbench.errors import WorkbenchError
+
+
+class NotBuiltError(WorkbenchError):
+    """A subcommand whose implementation has not landed yet."""
+
+
+def add_config_arguments(parser, *, required=True):
+    parser.add_argument("--lang", required=required, metavar="LANG|FILE.yaml",
+                        help="a shipped language code (see `workbench languages`) or your own YAML file")
+    parser.add_argument("--profile", metavar="P", help="profile in the language config (default: micro, "
+                        "else the first one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, relative to the profile (pretrain.max_steps=10) or from the top "
+                             "(profiles.micro.eval.batch_size=4); repeatable")
+
+
+def load_config(args, *, fast=False):
+    from workbench.config.loader import load_language
+
+    return load_language(args.lang, profile=args.profile, overrides=args.overrides, fast=fast)

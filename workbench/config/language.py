@@ -1,0 +1,272 @@
+"""The per-language pipeline config (`languages/*.yaml`): data sources, prompt, and profiles.
+
+A profile names everything one run needs: the base model, the corpus settings, the tokenizer check,
+the language expert (continual pretraining, or fetched), the task experts (fetched, or SFT), the merge
+recipes and the evaluation. Stages read only their own section, so a stage's cache key is the hash of
+its section plus the outputs it consumes.
+"""
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from workbench.config.schema import Where, exactly_one, number, option
+from workbench.merge.recipe import MergeRecipe
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """Text from a local file (path relative to the YAML) or a Hugging Face data set."""
+
+    path: Optional[str] = option(None, doc=".txt (one document a line), .jsonl, .parquet or .tsv")
+    hub: Optional[str] = option(None, doc="data set id on the Hugging Face Hub")
+    config: Optional[str] = option(None, doc="data set config (subset) name")
+    split: str = option("train")
+    revision: Optional[str] = option(None)
+    text_field: str = option("text", doc="column holding the text (jsonl, parquet, tsv, hub)")
+    streaming: bool = option(False, doc="stream a large hub data set instead of downloading it whole")
+    filter: dict[str, str] = option(default_factory=dict, doc="keep rows whose column equals the value")
+    max_rows: Optional[int] = number(None, lo=1, doc="read at most this many rows")
+    gated: bool = option(False, doc="the data set needs an access agreement on the hub")
+    license: Optional[str] = option(None)
+    description: Optional[str] = option(None)
+
+    def validate(self, where: Where):
+        exactly_one(self, ("path", "hub"), where)
+
+
+@dataclass(kw_only=True)
+class ModelSource:
+    """A model: hub id + revision, a local directory, or a GGUF file (local, or carried by a Python package)."""
+
+    hub: Optional[str] = option(None, doc="model id on the Hugging Face Hub")
+    revision: str = option("main", doc="branch, tag or commit of the hub repository")
+    path: Optional[str] = option(None, doc="local model directory (relative to the YAML or absolute)")
+    gguf: Optional[str] = option(None, doc="a .gguf file: a local path, or a file inside `package`")
+    package: Optional[str] = option(None, doc="Python package (import name) that carries the gguf file")
+    install: Optional[str] = option(None, doc="the command that installs `package`")
+    gated: bool = option(False, doc="the model needs an access agreement on the hub")
+    license: Optional[str] = option(None)
+    description: Optional[str] = option(None)
+
+    def validate(self, where: Where):
+        exactly_one(self, ("hub", "path", "gguf"), where)
+        if self.package is not None and self.gguf is None:
+            raise (where / "package").error("a package carries a gguf file; expected the key gguf too")
+
+    def label(self) -> str:
+        if self.hub:
+            return f"{self.hub}@{self.revision}"
+        if self.gguf and self.package:
+            return f"{self.package}:{self.gguf}"
+        return self.path or self.gguf
+
+
+@dataclass(kw_only=True)
+class Exemplar:
+    """A worked example for n-shot prompts."""
+
+    question: str = option(nonempty=True)
+    answer: str = option(nonempty=True, doc="the worked answer, ending in the number")
+
+
+@dataclass(kw_only=True)
+class PromptConfig:
+    """How an MGSM-style question is put to the model in this language."""
+
+    template: str = option(nonempty=True, doc="contains {question}")
+    system: Optional[str] = option(None, doc="system message when the model has a chat template")
+    exemplars: list[Exemplar] = option(default_factory=list)
+
+    def validate(self, where: Where):
+        if "{question}" not in self.template:
+            raise (where / "template").error(f"expected a template containing {{question}}, got {self.template!r}")
+
+
+@dataclass(kw_only=True)
+class ReplayConfig:
+    """English (or other) text mixed into the CT data so the model keeps what it knew."""
+
+    sources: list[str] = option(nonempty=True, doc="names from the language's sources")
+    ratio: float = number(0.2, lo=0, hi=1, hi_open=True, doc="share of replay tokens in the training mix")
+
+
+@dataclass(kw_only=True)
+class CorpusConfig:
+    sources: list[str] = option(nonempty=True, doc="names from the language's sources")
+    max_tokens: Optional[int] = number(None, lo=1, doc="token budget of the target-language text")
+    min_chars: int = number(20, lo=0, doc="shorter documents are dropped")
+    dedup: bool = option(True, doc="exact deduplication by hash")
+    heldout_fraction: float = number(0.05, lo=0, hi=0.5, lo_open=True, doc="documents kept aside for perplexity")
+    replay: Optional[ReplayConfig] = option(None)
+    block_size: int = number(256, lo=8, doc="tokens per packed training block")
+    seed: int = number(0, lo=0)
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    check: bool = option(True, doc="write the fertility report")
+    extend_vocab: bool = option(False, doc="train sentencepiece on the corpus and add new pieces")
+    new_pieces: int = number(1000, lo=1, doc="how many new pieces to add at most")
+    sp_vocab_size: int = number(4000, lo=100, doc="sentencepiece model size trained on the corpus")
+    min_chars_per_token: float = number(0.6, lo=0, lo_open=True,
+                                        doc="below this, the report recommends vocabulary extension")
+
+
+@dataclass(kw_only=True)
+class LoraSettings:
+    rank: int = number(16, lo=1)
+    alpha: float = number(32, lo=0, lo_open=True)
+    dropout: float = number(0.05, lo=0, hi=1, hi_open=True)
+    target_modules: list[str] = option(default_factory=lambda: list(LORA_TARGETS), nonempty=True)
+    train_embeddings: bool = option(False, doc="also train the embeddings and LM head (needed for new rows)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One Trainer run (CT or SFT): LoRA or full fine-tuning."""
+
+    method: Literal["lora", "full"] = option("lora")
+    lora: LoraSettings = option(default_factory=LoraSettings)
+    learning_rate: float = number(2e-4, lo=0, lo_open=True)
+    max_steps: int = number(100, lo=1)
+    batch_size: int = number(8, lo=1, doc="sequences per device per step")
+    grad_accum: int = number(1, lo=1)
+    warmup_ratio: float = number(0.05, lo=0, hi=1, hi_open=True)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine")
+    weight_decay: float = number(0.0, lo=0)
+    max_grad_norm: float = number(1.0, lo=0, lo_open=True)
+    gradient_checkpointing: bool = option(False)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", doc="auto: bf16 on GPU, fp32 on CPU")
+    save_steps: int = number(50, lo=1, doc="checkpoint every N steps (resume from the last)")
+    eval_steps: int = number(50, lo=1, doc="held-out perplexity every N steps")
+    logging_steps: int = number(5, lo=1)
+    seed: int = number(0, lo=0)
+
+
+@dataclass(kw_only=True)
+class SftData:
+    """Instruction pairs for a task expert's SFT."""
+
+    generated: Optional[int] = number(None, lo=1, doc="this many generated English word problems")
+    hub: Optional[str] = option(None, doc="data set id, e.g. microsoft/orca-math-word-problems-200k")
+    path: Optional[str] = option(None, doc="local .tsv (question<TAB>answer) or .jsonl")
+    config: Optional[str] = option(None)
+    split: str = option("train")
+    revision: Optional[str] = option(None)
+    question_field: str = option("question")
+    answer_field: str = option("answer")
+    filter: dict[str, str] = option(default_factory=dict, doc="keep rows whose column equals the value")
+    max_rows: Optional[int] = number(None, lo=1)
+    lang: str = option("en", doc="language of generated problems")
+    seed: int = number(0, lo=0)
+
+    def validate(self, where: Where):
+        exactly_one(self, ("generated", "hub", "path"), where)
+
+
+@dataclass(kw_only=True)
+class SftConfig:
+    data: SftData = option()
+    train: TrainConfig = option(default_factory=TrainConfig)
+    max_length: int = number(256, lo=16, doc="tokens per rendered (prompt, answer) pair")
+
+
+@dataclass(kw_only=True)
+class LanguageExpertConfig:
+    """The language expert: continual pretraining of the base (default), SFT on target-language
+    instructions (the Layer Swapping paper's choice), or a released model."""
+
+    fetch: Optional[ModelSource] = option(None, doc="use this model; CT is skipped")
+    sft: Optional[SftConfig] = option(None, doc="instruction SFT instead of CT")
+    pretrain: TrainConfig = option(default_factory=TrainConfig, doc="CT settings (used when neither is set)")
+
+    def validate(self, where: Where):
+        if self.fetch is not None and self.sft is not None:
+            raise where.error("expected at most one of fetch, sft, got both")
+
+
+@dataclass(kw_only=True)
+class TaskExpertConfig:
+    """A task expert (math, chat, ...): fetched, or trained by the SFT stage."""
+
+    task: str = option("math", nonempty=True)
+    fetch: Optional[ModelSource] = option(None)
+    sft: Optional[SftConfig] = option(None)
+
+    def validate(self, where: Where):
+        exactly_one(self, ("fetch", "sft"), where)
+
+
+@dataclass(kw_only=True)
+class MgsmEvalConfig:
+    """A sample of the real MGSM file of the language (local TSV, or the hub copy)."""
+
+    path: Optional[str] = option(None, doc="question<TAB>answer file")
+    hub: Optional[str] = option(None, doc="e.g. juletxara/mgsm")
+    config: Optional[str] = option(None)
+    split: str = option("test")
+    samples: int = number(40, lo=1)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    perplexity_docs: int = number(40, lo=1, doc="held-out documents scored for perplexity")
+    generated_problems: int = number(40, lo=0, doc="generated problems per language (target and English)")
+    generated_seed: int = number(1234, lo=0)
+    mgsm: Optional[MgsmEvalConfig] = option(None)
+    n_shot: int = number(0, lo=0)
+    max_new_tokens: int = number(48, lo=1)
+    batch_size: int = number(8, lo=1)
+    lm_eval: list[str] = option(default_factory=list, doc="lm-eval task names, when lm-eval and the hub are there")
+
+
+@dataclass(kw_only=True)
+class Profile:
+    description: str = option(nonempty=True)
+    base: ModelSource = option()
+    corpus: CorpusConfig = option()
+    tokenizer: TokenizerConfig = option(default_factory=TokenizerConfig)
+    language_expert: LanguageExpertConfig = option(default_factory=LanguageExpertConfig)
+    experts: dict[str, TaskExpertConfig] = option(nonempty=True, doc="task experts by name")
+    merges: dict[str, MergeRecipe] = option(nonempty=True, doc="merge recipes by name")
+    eval: EvalConfig = option(default_factory=EvalConfig)
+    fast: dict[str, Any] = option(default_factory=dict, doc="dotted-key overrides applied by --fast")
+    seed: int = number(0, lo=0)
+
+
+RESERVED_ROLES = ("base", "language")
+
+
+@dataclass(kw_only=True)
+class LanguageConfig:
+    code: str = option(nonempty=True, doc="the code users type: workbench adapt --lang sw")
+    name: str = option(nonempty=True)
+    native_name: str = option(nonempty=True)
+    iso639_3: str = option(nonempty=True)
+    iso639_1: Optional[str] = option(None)
+    script: str = option(nonempty=True, doc="ISO 15924 code, e.g. Latn, Telu, Beng, Jpan, Tibt, Arab, Cyrl")
+    digits: Optional[str] = option(None, doc="the script's own digits 0-9, when it has them")
+    sources: dict[str, DataSource] = option(nonempty=True)
+    prompt: PromptConfig = option()
+    profiles: dict[str, Profile] = option(nonempty=True)
+
+    def validate(self, where: Where):
+        if self.digits is not None and len(self.digits) != 10:
+            raise (where / "digits").error(f"expected the ten digits 0-9 of the script, got {self.digits!r}")
+        for pname, profile in self.profiles.items():
+            pw = where / "profiles" / pname
+            named = list(profile.corpus.sources) + (profile.corpus.replay.sources if profile.corpus.replay else [])
+            for i, src in enumerate(named):
+                if src not in self.sources:
+                    raise (pw / "corpus").error(f"source {src!r} is not defined; expected one of: "
+                                                f"{', '.join(self.sources)}")
+            for role in profile.experts:
+                if role in RESERVED_ROLES:
+                    raise (pw / "experts" / role).error(f"{role!r} is reserved; expected another expert name")
+            roles = set(RESERVED_ROLES) | set(profile.experts)
+            for mname, recipe in profile.merges.items():
+                for ref in recipe.references():
+                    if ref not in roles:
+                        raise (pw / "merges" / mname).error(
+                            f"model {ref!r} is not a role of this profile; expected one of: {', '.join(sorted(roles))}")

@@ -1,0 +1,164 @@
+"""Find, read and validate language configs; apply command-line overrides and the --fast variant."""
+import copy
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from workbench.config.language import LanguageConfig, Profile
+from workbench.config.schema import Where, parse
+from workbench.errors import ConfigError
+
+
+def shipped_languages_dir() -> Path:
+    """The folder of the language configs that ship with the package."""
+    return Path(str(importlib.resources.files("workbench.languages")))
+
+
+def available_languages() -> dict[str, Path]:
+    """Language code -> shipped YAML file."""
+    return {p.stem: p for p in sorted(shipped_languages_dir().glob("*.yaml"))}
+
+
+def display_name(path: Path) -> str:
+    """`languages/sw.yaml` for a shipped file, the path as given otherwise."""
+    path = Path(path)
+    if path.parent.resolve() == shipped_languages_dir().resolve():
+        return f"languages/{path.name}"
+    return str(path)
+
+
+def resolve_language_file(lang: str) -> Path:
+    """A language code (`sw`) or the path of the user's own YAML file."""
+    if lang.endswith((".yaml", ".yml")) or "/" in lang or Path(lang).is_file():
+        path = Path(lang)
+        if not path.is_file():
+            raise ConfigError(f"{lang}: no such config file; expected a YAML file or one of the language codes: "
+                              f"{', '.join(available_languages())}")
+        return path
+    shipped = available_languages()
+    if lang not in shipped:
+        raise ConfigError(f"unknown language {lang!r}; available: {', '.join(shipped)} "
+                          f"(or pass the path of your own YAML file)")
+    return shipped[lang]
+
+
+def read_yaml(path: Path, source: str):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{source}: {where}not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+_KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def split_key(key: str) -> list:
+    """`merges.ties.models[1].density` -> ['merges', 'ties', 'models', 1, 'density']."""
+    parts = [m.group(1) if m.group(1) is not None else int(m.group(2)) for m in _KEY_PART.finditer(key)]
+    if not parts or "".join(str(p) for p in parts).replace(" ", "") == "":
+        raise ConfigError(f"override {key!r}: expected a dotted key such as pretrain.max_steps")
+    return parts
+
+
+def set_key(tree, parts: list, value, source: str, full_key: str):
+    """Set `value` at the key path in a raw YAML tree (creating mappings on the way)."""
+    node = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"{source}: override {full_key}: no list entry [{part}] there")
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override {full_key}: {part!r} is inside a value that is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def parse_override(text: str):
+    """`KEY=VALUE` from the command line; VALUE is read as YAML (numbers, true/false, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, for example pretrain.max_steps=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+@dataclass
+class LoadedConfig:
+    """A validated language config with the chosen profile."""
+
+    language: LanguageConfig
+    profile_name: str
+    file: Path
+    source: str  # how errors name the file
+    raw: dict  # the tree after overrides, before validation (for hashing and the report)
+
+    @property
+    def profile(self) -> Profile:
+        return self.language.profiles[self.profile_name]
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the config are relative to the YAML's folder."""
+        return self.file.resolve().parent
+
+
+def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=False) -> LoadedConfig:
+    """Read and validate a language config; `overrides` are `KEY=VALUE` strings (keys relative to the
+    profile unless they start with a top-level key such as `sources` or `profiles`)."""
+    path = resolve_language_file(lang)
+    source = display_name(path)
+    raw = read_yaml(path, source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    profiles = raw.get("profiles")
+    if not isinstance(profiles, dict) or not profiles:
+        parse(LanguageConfig, raw, Where(source))  # reports the missing or malformed keys
+    if profile is None:
+        profile = "micro" if "micro" in profiles else next(iter(profiles), None)
+    if profile not in profiles:
+        raise ConfigError(f"{source}: profile {profile!r} does not exist; this language has: "
+                          f"{', '.join(profiles) or 'no profiles'}")
+    top_keys = {"code", "name", "native_name", "iso639_1", "iso639_3", "script", "digits", "sources",
+                "prompt", "profiles"}
+    edits = []
+    if fast:
+        fast_tree = profiles[profile].get("fast") or {}
+        if not isinstance(fast_tree, dict):
+            raise ConfigError(f"{source}: profiles.{profile}.fast: expected a mapping of dotted keys to values")
+        edits += [(f"profiles.{profile}.{k}", v) for k, v in fast_tree.items()]
+    for text in overrides:
+        key, value = parse_override(text) if isinstance(text, str) else text
+        first = split_key(key)[0]
+        edits.append((key if first in top_keys else f"profiles.{profile}.{key}", value))
+    for key, value in edits:
+        set_key(raw, split_key(key), value, source, key)
+    language = parse(LanguageConfig, raw, Where(source))
+    return LoadedConfig(language=language, profile_name=profile, file=path, source=source, raw=raw)
+
+
+def validate_all_shipped() -> dict[str, LanguageConfig]:
+    """Load every shipped language file (every profile validated); raises on the first bad one."""
+    return {code: load_language(code).language for code in available_languages()}
