@@ -1,0 +1,25 @@
+"""Stage keys: equal inputs give the same directory; a change in any input gives another; records are atomic."""
+from workbench.config.loader import load_language
+from workbench.pipelines.stage import fingerprint, stage_for
+
+
+def test_fingerprint_is_order_independent_and_sensitive():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1.0})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    a = load_language("sw").profile.corpus
+    b = load_language("sw", overrides=["corpus.block_size=128"]).profile.corpus
+    assert fingerprint(a) == fingerprint(load_language("sw").profile.corpus)
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_stage_done_only_after_finish(tmp_path):
+    stage = stage_for(tmp_path, "corpus", {"x": 1})
+    assert not stage.done
+    stage.start()
+    (stage.path / "data.txt").write_text("partial")
+    assert not stage.done  # work in progress is not a finished stage
+    stage.finish({"data": "data.txt"}, tokens=10)
+    again = stage_for(tmp_path, "corpus", {"x": 1})
+    assert again.done and again.path == stage.path
+    assert again.record()["outputs"] == {"data": "data.txt"} and again.record()["tokens"] == 10
+    assert not stage_for(tmp_path, "corpus", {"x": 2}).done
