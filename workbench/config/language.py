@@ -109,6 +109,7 @@ class TokenizerConfig:
     extend_vocab: bool = option(False, doc="train sentencepiece on the corpus and add new pieces")
     new_pieces: int = number(1000, lo=1, doc="how many new pieces to add at most")
     sp_vocab_size: int = number(4000, lo=100, doc="sentencepiece model size trained on the corpus")
+    sp_model_type: Literal["bpe", "unigram"] = option("bpe", doc="sentencepiece model type")
     min_chars_per_token: float = number(0.6, lo=0, lo_open=True,
                                         doc="below this, the report recommends vocabulary extension")
 
