@@ -25,28 +25,27 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def is_main_process() -> bool:
-    if not is_distributed():
-        return True
+def process_state():
+    """accelerate's process state; without CUDA the processes form a CPU (gloo) group, as the Trainer's do."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or process_state().is_main_process
 
 
 def barrier() -> None:
     if is_distributed():
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
 
 
 @contextmanager
 def main_process_first():
     """Data stages: the main process builds them, the others then find them done."""
     if is_distributed():
-        from accelerate import PartialState
-
-        with PartialState().main_process_first():
+        with process_state().main_process_first():
             yield
     else:
         yield
