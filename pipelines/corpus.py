@@ -160,7 +160,7 @@ def read_training_text(stage: Stage) -> list[str]:
     """The target-language training documents (all of them, before the budget) of a corpus-text stage."""
     import datasets
 
-    return datasets.load_from_disk(str(stage.path / "target"))["text"]
+    return list(datasets.load_from_disk(str(stage.path / "target"))["text"])
 
 
 def load_tokenizer(model_dir):
