@@ -151,10 +151,13 @@ def make_trainer_class():
         """Time inside optimizer steps (no evaluation, no checkpoint writing), for tokens per second."""
 
         def __init__(self):
-            self.seconds, self.tokens_at_start, self._t0 = 0.0, 0, None
+            self.seconds, self.tokens, self._start, self._t0 = 0.0, 0, 0, None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.tokens_at_start = state.num_input_tokens_seen
+            self._start = state.num_input_tokens_seen  # after a resume: the tokens before it
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.tokens = state.num_input_tokens_seen - self._start  # this session's tokens
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._t0 = time.perf_counter()
@@ -194,10 +197,9 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     evals = [h for h in state.log_history if "eval_loss" in h]
-    session_tokens = state.num_input_tokens_seen - timer.tokens_at_start
     summary = {
         "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_second": session_tokens / timer.seconds if timer.seconds else None,
+        "tokens_per_second": timer.tokens / timer.seconds if timer.seconds else None,
         "train_seconds": round(timer.seconds, 3), "trainable_parameters": trainable,
         "resumed_from": Path(checkpoint).name if checkpoint else None,
         "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
