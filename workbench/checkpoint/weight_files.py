@@ -1,11 +1,12 @@
 """Which files of a model directory hold its weights, and the one guarded way to read a pickle."""
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, UnsafeCheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -100,7 +101,14 @@ def load_pickle_checkpoint(file) -> dict[str, torch.Tensor]:
                 raise
             # The legacy (pre-zip) torch.save format cannot be memory-mapped: read it whole.
             obj = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False; that is exactly what must not be done here.
+        reason = next((line.strip() for line in str(e).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), "").rstrip(".")
+        raise UnsafeCheckpointError(f"{file}: refused by torch.load(weights_only=True): the pickle holds objects "
+                              f"other than tensors (loading it could run code){': ' + reason if reason else ''}. "
+                              f"Do not load it unless you trust its source") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError ... for truncated or foreign files
         raise CheckpointError(f"{file}: cannot load with torch.load(weights_only=True): {e}") from None
     # Some training scripts nest the weights one level down.
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
