@@ -202,6 +202,13 @@ def test_gguf_only_directory_says_to_fetch(tmp_path):
         ModelReader(d)
 
 
+def test_adapter_only_directory_says_to_merge_it(tmp_path):
+    write_state_dict(tmp_path / "adapter", {"base_model.model.lora_A.weight": torch.zeros(2, 2)})
+    (tmp_path / "adapter" / "model.safetensors").rename(tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="PEFT adapter"):
+        ModelReader(tmp_path / "adapter")
+
+
 def test_missing_directory_and_empty_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         ModelReader(tmp_path / "nowhere")

@@ -249,3 +249,9 @@ def _finished_shards(partial: Path) -> int:
         return len(json.loads((partial / ".manifest.json").read_text())["shards"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def test_empty_plan_writes_a_valid_empty_model(tmp_path):
+    out = write_state_dict(tmp_path / "empty", {})
+    assert os.listdir(out) == ["model.safetensors"]
+    assert ModelReader(out).names == [] and load_file(out / "model.safetensors") == {}

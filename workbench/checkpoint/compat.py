@@ -43,8 +43,8 @@ def check_compatible(models: dict[str, ModelReader], *, extended_vocab: str | No
     """Compare `models` ({label: reader}) against the first one not named by `extended_vocab`.
 
     Raises IncompatibleModelsError listing every missing or extra tensor, shape difference, architecture
-    difference and tokenizer difference (its `differences` attribute holds them one per line). Dtype
-    differences are warnings in the report (merges compute in fp32) unless `strict_dtype`.
+    difference and tokenizer difference (its `differences` and `warnings` attributes hold them one per
+    line). Dtype differences are warnings (merges compute in fp32) unless `strict_dtype`.
     """
     labels = list(models)
     if not labels:
@@ -68,9 +68,12 @@ def check_compatible(models: dict[str, ModelReader], *, extended_vocab: str | No
         diffs += tok_diffs
         warnings += tok_warnings
     if diffs:
-        err = IncompatibleModelsError(f"the models are incompatible ({len(diffs)} difference(s); compared "
-                                      f"with {ref!r}):\n" + "\n".join(f"  - {d}" for d in diffs))
-        err.differences = diffs
+        msg = (f"the models are incompatible ({len(diffs)} difference(s); compared with {ref!r}):\n"
+               + "\n".join(f"  - {d}" for d in diffs))
+        if warnings:
+            msg += "\nwarnings:\n" + "\n".join(f"  ~ {w}" for w in warnings)
+        err = IncompatibleModelsError(msg)
+        err.differences, err.warnings = diffs, warnings
         raise err
     names = [n for n in base.names if all(n in m for m in models.values())]
     return CompatReport(

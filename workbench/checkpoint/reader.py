@@ -4,6 +4,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 from math import prod
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class ModelReader:
         self._pickled: dict[str, torch.Tensor] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # a prefetch thread may open a shard while the main thread does
         self._closed = False
         if self.format == "safetensors":
             self._index_safetensors(found.weight_map, found.index)
@@ -191,17 +193,20 @@ class ModelReader:
 
     # ----- resources
     def _fd(self, file) -> int:
-        if file not in self._fds:
-            try:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{file}: cannot open: {e.strerror}") from e
-        return self._fds[file]
+        with self._lock:
+            if file not in self._fds:
+                try:
+                    self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{file}: cannot open: {e.strerror}") from e
+            return self._fds[file]
 
     def _mmap(self, file) -> mmap.mmap:
-        if file not in self._maps:
-            self._maps[file] = mmap.mmap(self._fd(file), 0, access=mmap.ACCESS_COPY)
-        return self._maps[file]
+        fd = self._fd(file)
+        with self._lock:
+            if file not in self._maps:
+                self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            return self._maps[file]
 
     def _check_open(self):
         if self._closed:

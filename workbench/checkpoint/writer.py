@@ -117,7 +117,7 @@ class ShardedWriter:
         if self._open is None:
             self._start(shard)
         _, f, _ = self._open
-        data = tensor.detach().to("cpu").contiguous()
+        data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         if data.numel():
             f.seek(shard.offsets[name])
             f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
