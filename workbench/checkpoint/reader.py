@@ -64,8 +64,8 @@ class ModelReader:
                     raise CheckpointError(f"{file}: tensor {spec.name!r} is also stored in "
                                           f"{self._specs[spec.name].file.name}")
                 if weight_map is not None and weight_map.get(spec.name) != file.name:
-                    raise CheckpointError(f"{file}: holds tensor {spec.name!r}, which {index.name} "
-                                          f"{'places in ' + weight_map[spec.name] if spec.name in weight_map else 'does not list'}")
+                    where = f"places in {weight_map[spec.name]}" if spec.name in weight_map else "does not list"
+                    raise CheckpointError(f"{file}: holds tensor {spec.name!r}, which {index.name} {where}")
                 self._specs[spec.name] = spec
         missing = sorted(set(weight_map or ()) - self._specs.keys())
         if missing:
