@@ -255,3 +255,27 @@ def test_empty_plan_writes_a_valid_empty_model(tmp_path):
     out = write_state_dict(tmp_path / "empty", {})
     assert os.listdir(out) == ["model.safetensors"]
     assert ModelReader(out).names == [] and load_file(out / "model.safetensors") == {}
+
+
+def test_records_survive_a_resume_and_resume_key_invalidates(tmp_path):
+    import torch
+
+    from workbench.checkpoint import ShardedWriter
+
+    tensors = {f"t{i}": torch.full((64,), float(i)) for i in range(6)}
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    out = tmp_path / "out"
+    writer = ShardedWriter(out, plan, max_shard_bytes=512, resume_key="recipe-a")
+    for name in writer.pending()[:4]:  # two shards of two tensors finished, then "killed"
+        writer.write(name, tensors[name], record={"mean": float(tensors[name].mean())})
+    writer.close()
+    again = ShardedWriter(out, plan, max_shard_bytes=512, resume_key="recipe-a")
+    assert again.pending() == ["t4", "t5"]
+    assert list(again.records()) == ["t0", "t1", "t2", "t3"] and again.records()["t2"] == {"mean": 2.0}
+    for name in again.pending():
+        again.write(name, tensors[name], record={"mean": float(tensors[name].mean())})
+    assert list(again.records()) == [f"t{i}" for i in range(6)]
+    again.close()
+    other = ShardedWriter(out, plan, max_shard_bytes=512, resume_key="recipe-b")
+    assert other.pending() == list(tensors) and other.records() == {}
+    other.close()

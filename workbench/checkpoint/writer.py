@@ -40,10 +40,16 @@ class ShardedWriter:
     `finalize()` copies config and tokenizer files from `source_dir`, writes `extra_files` ({name: str or
     bytes}, written last, so they may replace a copied config) and renames the directory into place.
     An existing `out_dir` is an error unless `overwrite`.
+
+    `resume_key` names what the output was computed from (recipe, input files): a rerun with another key
+    starts fresh even when the plan is the same; it is not written into the shards, so equal tensors give
+    equal bytes whatever produced them. `write(name, tensor, record)` may attach a small JSON-able record
+    to a tensor (per-tensor report entries); records are saved with their shard and survive a resume:
+    `records()` returns them all, in plan order.
     """
 
     def __init__(self, out_dir, plan, *, max_shard_bytes=2 * 1024**3, source_dir=None, metadata=None,
-                 extra_files=None, overwrite=False):
+                 extra_files=None, overwrite=False, resume_key: str | None = None):
         self.out_dir = Path(os.path.abspath(out_dir))
         self.partial_dir = self.out_dir.with_name(self.out_dir.name + ".partial")
         self.plan = _normalize_plan(plan)
@@ -59,7 +65,8 @@ class ShardedWriter:
             raise CheckpointError(f"source directory for config and tokenizer files not found: {self.source_dir}")
         self.shards = _assign_shards(self.plan, max_shard_bytes, metadata)
         self._check_extra_names()
-        self.plan_hash = _plan_hash(self.shards)
+        self.plan_hash = _plan_hash(self.shards, resume_key)
+        self._records = {}  # shard file -> {name: record}, saved in the manifest with the shard
         self._shard_of = {name: shard for shard in self.shards for name in shard.names}
         self._spec = {name: (shape, dtype) for name, shape, dtype in self.plan}
         self._finished = self._resume()
@@ -84,6 +91,7 @@ class ShardedWriter:
                 if (isinstance(entry, dict) and path.is_file() and path.stat().st_size == shard.size
                         and _sha256(path) == entry.get("sha256")):
                     finished[shard.file] = entry["sha256"]
+                    self._records[shard.file] = entry.get("records") or {}
         elif self.partial_dir.exists():
             _remove(self.partial_dir)  # another plan's leftovers (or no manifest): start fresh
         self.partial_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +106,14 @@ class ShardedWriter:
         return list(self._pending)
 
     # ----- writing
-    def write(self, name, tensor: torch.Tensor):
+    def records(self) -> dict:
+        """Records attached to written tensors ({name: record}), in plan order."""
+        merged = {}
+        for shard in self.shards:
+            merged.update(self._records.get(shard.file, {}))
+        return {name: merged[name] for name, _, _ in self.plan if name in merged}
+
+    def write(self, name, tensor: torch.Tensor, record: dict | None = None):
         """Write the next pending tensor; its name, shape and dtype must match the plan."""
         if self._finalized:
             raise ValueError(f"write({name!r}): the writer for {self.out_dir} is already finalized")
@@ -121,6 +136,8 @@ class ShardedWriter:
         if data.numel():
             f.seek(shard.offsets[name])
             f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        if record is not None:
+            self._records.setdefault(shard.file, {})[name] = record
         self._open = (shard, f, self._open[2] + 1)
         self._next += 1
         if self._open[2] == len(shard.names):
@@ -128,6 +145,7 @@ class ShardedWriter:
 
     def _start(self, shard):
         """Open the shard's temporary file from its start and write the header computed from the plan."""
+        self._records[shard.file] = {}  # a shard is rewritten from its start, records too
         f = open(self.partial_dir / (shard.file + ".tmp"), "wb")
         f.write(shard.header)
         self._open = (shard, f, 0)
@@ -148,7 +166,8 @@ class ShardedWriter:
 
     def _write_manifest(self, finished):
         body = {"version": 1, "plan_hash": self.plan_hash,
-                "shards": {file: {"sha256": digest} for file, digest in finished.items()}}
+                "shards": {file: {"sha256": digest, "records": self._records.get(file, {})}
+                           for file, digest in finished.items()}}
         _atomic_write(self.partial_dir / MANIFEST, json.dumps(body, indent=1).encode())
 
     # ----- completing
@@ -269,9 +288,10 @@ def _assign_shards(plan, max_shard_bytes, metadata) -> list[_Shard]:
     return shards
 
 
-def _plan_hash(shards) -> str:
-    """The headers fix every byte that is not tensor data (names, shapes, dtypes, sharding, metadata)."""
-    digest = hashlib.sha256()
+def _plan_hash(shards, resume_key=None) -> str:
+    """The headers fix every byte that is not tensor data (names, shapes, dtypes, sharding, metadata);
+    the resume key, what the tensors were computed from."""
+    digest = hashlib.sha256((resume_key or "").encode() + b"\0")
     for shard in shards:
         digest.update(shard.file.encode() + b"\0" + shard.header)
     return digest.hexdigest()
