@@ -6,45 +6,15 @@ directory (`<run_dir>/<name>-<key>/`); a stage is finished when its `stage.json`
 progress (trainer checkpoints, partial shards) lives inside the directory, so an interrupted stage resumes
 where it stopped.
 """
-import dataclasses
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.provenance import cache_dir, canonical as _canonical, file_sha256, fingerprint  # noqa: F401
+
 RECORD = "stage.json"
-
-
-def _canonical(obj):
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        from workbench.config.schema import to_dict
-
-        return _canonical(to_dict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and obj.is_integer():
-        return int(obj)  # 1.0 and 1 in YAML mean the same setting
-    return obj
-
-
-def fingerprint(obj, length=12) -> str:
-    """A short stable hash of plain data (dicts in any key order hash alike)."""
-    text = json.dumps(_canonical(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
-def file_sha256(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path, data):
@@ -92,11 +62,3 @@ def stage_for(run_dir, name: str, inputs: dict) -> Stage:
     """The stage directory for these inputs (not created until `start`)."""
     key = fingerprint(inputs)
     return Stage(name=name, key=key, path=Path(run_dir) / f"{name}-{key}", inputs=inputs)
-
-
-def cache_dir() -> Path:
-    """Cross-run cache (converted GGUF models, downloaded experts): $WORKBENCH_CACHE or ~/.cache/workbench."""
-    root = os.environ.get("WORKBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "workbench")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
