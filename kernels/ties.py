@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .dispatch import LAUNCH_OPTIONS, flat_contiguous, fp32_scalar, jit, kernel_backend, triton_kernels
+from .rounding import store_rounded
 from .ties_cpu import ties_cpu
 
 if TYPE_CHECKING:
@@ -66,19 +67,6 @@ class _Params:
 @jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-
-
-@jit
-def _store_rounded(out_ptr, offs, x, mask):
-    # fp32 → storage dtype, round to nearest even. bf16 is rounded by hand: Triton's interpreter
-    # truncates (compiled Triton rounds correctly; the formula is the same as PyTorch's).
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        bits = tl.where(x != x, 0x7FC0, bits)
-        tl.store(out_ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -158,7 +146,7 @@ def _ties_kernel(base_ptr, experts, params_ptr, out_ptr, counts_ptr, n, lam,
         result = merged
     else:
         result = b + lam * merged
-    _store_rounded(out_ptr, offs, result, mask)
+    store_rounded(out_ptr, offs, result, mask)
 
 
 def _ties_triton(base, experts, p: _Params, out) -> torch.Tensor:
