@@ -1,5 +1,6 @@
 """The merge report (`merge_report.json`) and the model card (`README.md`) that go with a merged model."""
 import json
+from pathlib import Path
 
 from workbench import __version__
 from workbench.config.schema import to_dict
@@ -44,7 +45,7 @@ def build_report(recipe, models, readers, plan, compat, records, thresholds, pro
         "papers": {m: PAPERS[m] for m in dict.fromkeys(methods)},
         "recipe": to_dict(recipe),
         "inputs": {ref: {"path": str(models[ref]),
-                         "files": {f: cached_file_sha256(readers[ref].path / f) for f in sorted(readers[ref].files)}}
+                         "files": {Path(f).name: cached_file_sha256(f) for f in sorted(readers[ref].files)}}
                    for ref in readers},
         "output": {"tensors": len(plan.ops), "config_from": plan.config_source,
                    "dtypes": sorted({str(op.dtype).replace("torch.", "") for op in plan.ops}),

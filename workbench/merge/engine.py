@@ -112,10 +112,8 @@ class _Executor:
         self.allow_nonfinite, self.seed = allow_nonfinite, seed
 
     def extended_tail(self, op, inputs):
-        """The new rows [V, V') of the extended model, when this output has them."""
-        if self.plan.extended is None or op.shape[0] == (self.plan.shared_rows or op.shape[0]):
-            return None
-        return inputs.get(self.plan.extended)
+        """The extended model's tensor, whose rows [V, V') this output takes (DESIGN.md §4.6a), or None."""
+        return inputs[self.plan.extended] if op.extra else None
 
     def check_finite(self, op, ref, tensor):
         bad = tensor.numel() - int(torch.isfinite(tensor).sum()) if tensor.is_floating_point() else 0
@@ -234,7 +232,7 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
         profiles = _auto_profiles(recipe, readers, compat.names, progress)
         plan = build_plan(recipe, compat, dtypes, profiles)
         thresholds = _scope_thresholds(recipe, readers, compat.names, plan)
-        identity = {ref: [file_identity(Path(models[ref]) / f) for f in sorted(r.files)] for ref, r in readers.items()}
+        identity = {ref: [file_identity(f) for f in sorted(r.files)] for ref, r in readers.items()}
         resume_key = fingerprint({"recipe": to_dict(recipe), "inputs": identity, "allow_nonfinite": allow_nonfinite,
                                   "version": __version__}, length=32)
         writer = ShardedWriter(out_dir, [(op.name, op.shape, op.dtype) for op in plan.ops],
