@@ -52,7 +52,7 @@ class Stage:
 
     def finish(self, outputs: dict, **info) -> dict:
         """Mark the stage finished; `outputs` are paths relative to the stage dir or plain values."""
-        record = {"stage": self.name, "key": self.key, "inputs": _canonical(self.inputs),
+        record = {"stage": self.name, "key": self.key, "path": str(self.path), "inputs": _canonical(self.inputs),
                   "outputs": _canonical(outputs), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         write_json_atomic(self.path / RECORD, record)
         return record
