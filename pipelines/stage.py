@@ -6,6 +6,7 @@ directory (`<run_dir>/<name>-<key>/`); a stage is finished when its `stage.json`
 progress (trainer checkpoints, partial shards) lives inside the directory, so an interrupted stage resumes
 where it stopped.
 """
+import contextlib
 import json
 import os
 import time
@@ -15,6 +16,22 @@ from pathlib import Path
 from workbench.provenance import cache_dir, canonical as _canonical, file_sha256, fingerprint  # noqa: F401
 
 RECORD = "stage.json"
+_FORCED: set = set()  # stage names (or name prefixes ending in "*") to redo although finished
+
+
+@contextlib.contextmanager
+def force_rerun(names):
+    """Within this block, stages with these names count as not done (`--from`): they run again."""
+    added = set(names) - _FORCED
+    _FORCED.update(added)
+    try:
+        yield
+    finally:
+        _FORCED.difference_update(added)
+
+
+def _forced(name: str) -> bool:
+    return name in _FORCED or any(f.endswith("*") and name.startswith(f[:-1]) for f in _FORCED)
 
 
 def write_json_atomic(path, data):
@@ -40,7 +57,7 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return (self.path / RECORD).is_file()
+        return (self.path / RECORD).is_file() and not _forced(self.name)
 
     def record(self) -> dict:
         """The finished stage's record: its inputs, outputs and timings."""
@@ -48,6 +65,7 @@ class Stage:
 
     def start(self) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / RECORD).unlink(missing_ok=True)  # a rerun is unfinished until it finishes
         return self.path
 
     def finish(self, outputs: dict, **info) -> dict:
