@@ -267,6 +267,9 @@ class LanguageConfig:
                     raise (pw / "experts" / role).error(f"{role!r} is reserved; expected another expert name")
             roles = set(RESERVED_ROLES) | set(profile.experts)
             for mname, recipe in profile.merges.items():
+                if mname in roles:
+                    raise (pw / "merges" / mname).error(f"a merge named {mname!r} would share its name with a model "
+                                                        f"of the profile; expected another name")
                 for ref in recipe.references():
                     if ref not in roles:
                         raise (pw / "merges" / mname).error(

@@ -1,0 +1,120 @@
+"""Layer swapping with transition zones (Bandarkar et al., 2024; DESIGN.md §4.6): which layers, which share.
+
+Start from the task expert; its bottom `b` and top `t` layers are replaced by the language expert's, and
+`z` transition layers on each inner edge blend the two. α_ℓ is the language expert's share of layer ℓ:
+1 in the swapped blocks, 0 in the kept middle, and a linear ramp across each transition zone.
+
+The ramp. DESIGN.md writes α = (z − j)/(z + 1) for the j-th transition layer away from the swapped block,
+j = 1 … z. Taken literally, the last transition layer always gets α = 0, so the default single transition
+layer (z = 1) would be identical to a kept layer and there would be no transition zone at all. We use the
+linear ramp that formula evidently intends, strictly between the block (1) and the middle (0):
+α = (z + 1 − j)/(z + 1), i.e. 1/2 for z = 1, and 2/3, 1/3 for z = 2 (the paper's transition layer is an
+even blend of the two experts).
+"""
+from dataclasses import dataclass, field
+
+from workbench.errors import ConfigError
+
+
+def transition_alpha(j: int, z: int) -> float:
+    """The language expert's share in the j-th transition layer (1-based) away from a swapped block."""
+    return (z + 1 - j) / (z + 1)
+
+
+def default_blocks(num_layers: int) -> tuple[int, int]:
+    """The setting reported for a 32-layer Llama 3.1 8B (bottom 5, top 2), scaled to L layers, at least 1 each."""
+    return max(1, int(5 * num_layers / 32 + 0.5)), max(1, int(2 * num_layers / 32 + 0.5))
+
+
+def auto_blocks(rel_language, rel_task) -> tuple[int, int]:
+    """The largest blocks at each end where the language expert's relative change exceeds the task expert's."""
+    wins = [lang > task for lang, task in zip(rel_language, rel_task)]
+    bottom = next((i for i, w in enumerate(wins) if not w), len(wins))
+    top = next((i for i, w in enumerate(reversed(wins)) if not w), len(wins))
+    return bottom, top
+
+
+def layer_alphas(num_layers: int, bottom: int, top: int, transition: int) -> list[float]:
+    """α_ℓ for every layer ℓ (language expert's share)."""
+    alphas = [0.0] * num_layers
+    for layer in range(bottom):
+        alphas[layer] = 1.0
+    for layer in range(num_layers - top, num_layers):
+        alphas[layer] = 1.0
+    for j in range(1, transition + 1):
+        if bottom:
+            alphas[bottom - 1 + j] = max(alphas[bottom - 1 + j], transition_alpha(j, transition))
+        if top:
+            alphas[num_layers - top - j] = max(alphas[num_layers - top - j], transition_alpha(j, transition))
+    return alphas
+
+
+def _span(num_layers, bottom, top, z):
+    """Layers the blocks and their transition zones cover."""
+    return bottom + top + (z if bottom else 0) + (z if top else 0)
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    num_layers: int
+    bottom: int
+    top: int
+    transition: int
+    alphas: tuple
+    chosen_by: dict = field(default_factory=dict)  # bottom/top -> "recipe" | "auto" | "default"
+    notes: tuple = ()
+
+    def describe(self) -> str:
+        swapped = [i for i, a in enumerate(self.alphas) if a == 1.0]
+        blended = {i: round(a, 3) for i, a in enumerate(self.alphas) if 0 < a < 1}
+        return (f"{self.num_layers} layers: bottom {self.bottom} ({self.chosen_by.get('bottom')}), top {self.top} "
+                f"({self.chosen_by.get('top')}), transition {self.transition}; swapped {swapped}, "
+                f"transition α {blended}")
+
+
+def plan_layer_swap(cfg, num_layers: int, rel_language=None, rel_task=None, where="layer_swap") -> SwapPlan:
+    """Resolve a recipe's `layer_swap` section to per-layer shares.
+
+    `rel_language`/`rel_task` are per-layer relative changes ‖δ‖/‖θ_b‖ (needed only for `auto`).
+    """
+    z = cfg.transition
+    chosen, notes = {}, []
+    default_b, default_t = default_blocks(num_layers)
+    auto_b = auto_t = None
+    if "auto" in (cfg.bottom, cfg.top):
+        if rel_language is None or rel_task is None:
+            raise ConfigError(f"{where}: 'auto' needs the delta heatmap of both experts against the base")
+        auto_b, auto_t = auto_blocks(rel_language, rel_task)
+    values = {}
+    for key, given, default, auto in (("bottom", cfg.bottom, default_b, auto_b),
+                                      ("top", cfg.top, default_t, auto_t)):
+        if given == "auto":
+            values[key], chosen[key] = auto, "auto"
+        elif given is None:
+            values[key], chosen[key] = default, "default"
+        else:
+            values[key], chosen[key] = given, "recipe"
+    b, t = values["bottom"], values["top"]
+    if chosen["bottom"] == "default" or chosen["top"] == "default":
+        notes.append(f"default blocks scaled from the setting reported for a 32-layer Llama 3.1 8B (bottom 5, "
+                     f"top 2): bottom {default_b}, top {default_t} for {num_layers} layers")
+    # The blocks and their transition zones must fit without overlapping, and the task expert must keep
+    # a share of at least one layer (otherwise the "merge" is the language expert).
+    def fits(b, t):
+        return _span(num_layers, b, t, z) <= num_layers and b + t < num_layers
+
+    while not fits(b, t):
+        shrink = [k for k in ("bottom", "top") if chosen[k] == "auto" and (b if k == "bottom" else t) > 0]
+        if not shrink:
+            raise ConfigError(f"{where}: bottom {b} + top {t} with {z} transition layer(s) on each inner edge do not "
+                              f"fit in a {num_layers}-layer model (they need {_span(num_layers, b, t, z)} layers and "
+                              f"must leave the task expert a share of at least one); expected fewer layers")
+        if "bottom" in shrink and (b >= t or "top" not in shrink):
+            b -= 1
+        else:
+            t -= 1
+    if (b, t) != (values["bottom"], values["top"]):
+        notes.append(f"auto blocks capped from bottom {values['bottom']}, top {values['top']} to bottom {b}, "
+                     f"top {t} so that the blocks and their transition zones fit in {num_layers} layers")
+    return SwapPlan(num_layers=num_layers, bottom=b, top=t, transition=z,
+                    alphas=tuple(layer_alphas(num_layers, b, t, z)), chosen_by=chosen, notes=tuple(notes))
