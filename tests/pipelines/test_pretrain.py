@@ -86,6 +86,10 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, sw_config, t
         run_pretrain(loaded, base_dir, corpus, tmp_path / "b", callbacks=[InterruptAfterCheckpoint(8)])
     partial = next((tmp_path / "b").glob("pretrain-*"))
     assert not (partial / "stage.json").exists() and (partial / "checkpoints" / "checkpoint-8").is_dir()
+    # A kill in the middle of writing the next checkpoint leaves it without trainer_state.json: not resumable.
+    torn = partial / "checkpoints" / "checkpoint-12"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     resumed = run_pretrain(loaded, base_dir, corpus, tmp_path / "b")
     record = resumed.record()
     assert record["resumed_from"] == "checkpoint-8" and record["steps"] == 12
