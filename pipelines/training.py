@@ -200,7 +200,7 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     summary = {
         "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),
         "tokens_per_second": timer.tokens / timer.seconds if timer.seconds else None,
-        "train_seconds": round(timer.seconds, 3), "trainable_parameters": trainable,
+        "train_seconds": round(timer.seconds, 3), "trainable_parameters": trainable, "processes": args.world_size,
         "resumed_from": Path(checkpoint).name if checkpoint else None,
         "losses": [(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
     }

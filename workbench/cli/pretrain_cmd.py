@@ -1,9 +1,11 @@
 """Continual pretraining (CT) of the profile's base model on target-language text: the language expert.
 
 Runs corpus -> tokenizer check (-> vocabulary extension) -> CT, each stage under the run directory keyed by
-a hash of its inputs: a rerun skips finished stages and resumes training from its last checkpoint. Works
-unchanged under `accelerate launch` (several GPUs, or CPU processes). A profile whose language expert is
-instruction SFT (`language_expert.sft`) runs that instead.
+a hash of its inputs: a rerun skips finished stages and resumes training from its last checkpoint. A profile
+whose language expert is instruction SFT (`language_expert.sft`) runs that instead.
+
+The same command runs under accelerate (DDP; on a machine without GPUs the processes form a CPU gloo group):
+  accelerate launch --multi_gpu --num_processes 2 -m workbench pretrain --lang sw --base DIR
 """
 from workbench.cli.common import add_config_arguments, load_config
 
