@@ -49,10 +49,11 @@ def test_lora_ct_lowers_heldout_loss_and_writes_a_plain_tied_model(tmp_path, sw_
     assert again.path == stage.path and again.record()["finished_at"] == record["finished_at"]
 
 
-def test_full_finetuning_lowers_heldout_loss(tmp_path, sw_config, tiny_llama_factory):
+def test_full_finetuning_with_gradient_checkpointing_lowers_heldout_loss(tmp_path, sw_config, tiny_llama_factory):
     base_dir, base = tiny_llama_factory("base")
     loaded = ct_config(sw_config, f"{CT}.method=full", f"{CT}.learning_rate=0.003", f"{CT}.max_steps=16",
-                       f"{CT}.eval_steps=16", f"{CT}.save_steps=16", "tokenizer.check=false")
+                       f"{CT}.eval_steps=16", f"{CT}.save_steps=16", f"{CT}.gradient_checkpointing=true",
+                       "tokenizer.check=false")
     record = run_language_expert(loaded, base_dir, tmp_path / "run").record()
     assert record["trainable_parameters"] == sum(v.numel() for v in base.values())
     assert record["final_perplexity"] < 0.6 * record["initial_perplexity"], record

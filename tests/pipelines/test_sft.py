@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workbench.config.language import LoraSettings, SftConfig, SftData, TrainConfig
-from workbench.errors import DataError
+from workbench.errors import DataError, HubUnavailableError
 from workbench.pipelines.prompts import ENGLISH_TEMPLATE, PromptFormat, answer_text, prompt_text
 from workbench.pipelines.sft import load_pairs, run_sft, tokenize_pair
 from workbench.pipelines.training import expert_model_dir
@@ -97,6 +97,8 @@ def test_jsonl_fields_and_errors_name_the_source(tmp_path):
         load_pairs(SftData(path=str(path)))
     with pytest.raises(DataError, match=r"source 'missing.tsv': .*missing.tsv: no such file"):
         load_pairs(SftData(path="missing.tsv"), config_dir=tmp_path)
+    with pytest.raises(HubUnavailableError, match=r"cannot reach the data set 'microsoft/orca-math-word-problems-200k'"):
+        load_pairs(SftData(hub="microsoft/orca-math-word-problems-200k"))  # HF_HUB_OFFLINE=1 in the tests
 
 
 @pytest.mark.skipif(importlib.util.find_spec("workbench.pipelines.problems") is None,
