@@ -219,6 +219,21 @@ def pack_heldout(docs_ids, eos_id: int, block_size: int):
     return blocks
 
 
+def budgeted_documents(text: Stage, tokenizer, max_tokens, ratio: float, cache: Path):
+    """The token arrays to pack (budget-cut target documents, then replay ones) and their counts."""
+    target_ids = tokenize_documents(text.path / "target", tokenizer, cache / "target.arrow")
+    target_taken, n_target = budget_cut([len(t) for t in target_ids], max_tokens)
+    replay_ids, replay_taken, n_replay, replay_wanted = [], [], 0, 0
+    if ratio > 0:
+        replay_ids = tokenize_documents(text.path / "replay", tokenizer, cache / "replay.arrow")
+        replay_wanted = round(ratio / (1 - ratio) * n_target)
+        replay_taken, n_replay = budget_cut([len(t) for t in replay_ids], replay_wanted)
+    pieces = [target_ids[i][:n] for i, n in target_taken] + [replay_ids[i][:n] for i, n in replay_taken]
+    return pieces, {"target": n_target, "replay": n_replay, "target_available": int(sum(map(len, target_ids))),
+                    "replay_wanted": replay_wanted, "replay_share": n_replay / max(1, n_target + n_replay),
+                    "target_used": len(target_taken), "replay_used": len(replay_taken)}
+
+
 def run_corpus(loaded, tokenizer_dir, run_dir) -> Stage:
     """The packed training blocks, held-out documents and stats for the profile (skipped when done)."""
     cfg = loaded.profile.corpus
@@ -235,15 +250,7 @@ def run_corpus(loaded, tokenizer_dir, run_dir) -> Stage:
     if stage.done:
         return stage
     stage.start()
-    cache = stage.path / "cache"
-    target_ids = tokenize_documents(text.path / "target", tokenizer, cache / "target.arrow")
-    target_taken, n_target = budget_cut([len(t) for t in target_ids], cfg.max_tokens)
-    replay_ids, replay_taken, n_replay, replay_wanted = [], [], 0, 0
-    if ratio > 0:
-        replay_ids = tokenize_documents(text.path / "replay", tokenizer, cache / "replay.arrow")
-        replay_wanted = round(ratio / (1 - ratio) * n_target)
-        replay_taken, n_replay = budget_cut([len(t) for t in replay_ids], replay_wanted)
-    pieces = [target_ids[i][:n] for i, n in target_taken] + [replay_ids[i][:n] for i, n in replay_taken]
+    pieces, counts = budgeted_documents(text, tokenizer, cfg.max_tokens, ratio, stage.path / "cache")
     order = np.random.default_rng(cfg.seed).permutation(len(pieces))
     blocks, stream_len = pack([pieces[i] for i in order], tokenizer.eos_token_id, cfg.block_size)
     if len(blocks) == 0:
@@ -255,16 +262,12 @@ def run_corpus(loaded, tokenizer_dir, run_dir) -> Stage:
     np.save(stage.path / "train_blocks.npy", blocks)
     np.save(stage.path / "heldout_blocks.npy", heldout_blocks)
     shutil.copyfile(text.path / "heldout.jsonl", stage.path / "heldout.jsonl")
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(stage.path / "cache", ignore_errors=True)
     stats = text.record()["stats"]
-    stats["tokens"] = {
-        "target": n_target, "replay": n_replay, "eos": len(pieces), "stream": stream_len,
-        "packed": int(blocks.size), "dropped_tail": stream_len - int(blocks.size),
-        "budget": cfg.max_tokens, "budget_reached": cfg.max_tokens is not None and n_target == cfg.max_tokens,
-        "target_available": int(sum(len(t) for t in target_ids)),
-        "replay_wanted": replay_wanted, "replay_share": n_replay / max(1, n_target + n_replay)}
-    stats["target"]["used"] = len(target_taken)
-    stats["replay"]["used"] = len(replay_taken)
+    stats["target"]["used"], stats["replay"]["used"] = counts.pop("target_used"), counts.pop("replay_used")
+    stats["tokens"] = {**counts, "eos": len(pieces), "stream": stream_len, "packed": int(blocks.size),
+                       "dropped_tail": stream_len - int(blocks.size), "budget": cfg.max_tokens,
+                       "budget_reached": cfg.max_tokens is not None and counts["target"] == cfg.max_tokens}
     stats["blocks"] = {"train": len(blocks), "block_size": cfg.block_size, "heldout": len(heldout_blocks),
                        "heldout_tokens": int(heldout_blocks.size)}
     write_json_atomic(stage.path / "stats.json", stats)
