@@ -54,12 +54,13 @@ def resolve_base_model(loaded, run_dir, override=None) -> Path:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}.path: {path} is not a Hugging Face model directory (no config.json)")
         return path.resolve()
-    if importlib.util.find_spec("workbench.pipelines.fetch") is None:
+    fetch = None
+    if importlib.util.find_spec("workbench.pipelines.fetch") is not None:
+        from workbench.pipelines import fetch
+    if getattr(fetch, "resolve_model", None) is None:
         raise ConfigError(f"{key}: the base is {base.label()}, which the fetch stage resolves, and this build has "
                           f"no fetch stage; pass --base DIR with a local Hugging Face model directory")
-    from workbench.pipelines.fetch import resolve_model
-
-    return Path(resolve_model(base, base_dir=loaded.base_dir, run_dir=Path(run_dir)))
+    return Path(fetch.resolve_model(base, base_dir=loaded.base_dir, run_dir=Path(run_dir)))
 
 
 def run_pretrain(loaded, model_dir, corpus: Stage, run_dir, *, callbacks=()) -> Stage:
