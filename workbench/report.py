@@ -141,12 +141,13 @@ def render_markdown(body: dict, table: dict) -> str:
         out += [f"- Note: {n}" for n in merge["notes"]] + [""]
     if body["fertility"]:
         out += ["## Tokenizer fertility", "", "| tokenizer / text | chars per token | tokens per word | byte "
-                "fallback |", "| --- | ---: | ---: | ---: |"]
+                "fallback | partial characters |", "| --- | ---: | ---: | ---: | ---: |"]
         for side in ("base", "extended"):
             for part, rec in (body["fertility"].get(side) or {}).items():
-                out.append(f"| {side} / {part} | {rec.get('chars_per_token', float('nan')):.2f} | "
-                           f"{rec.get('tokens_per_word', float('nan')):.2f} | "
-                           f"{rec.get('byte_fallback_share', 0):.1%} |")
+                tpw = rec.get("tokens_per_word")
+                out.append(f"| {side} / {part} | {rec['chars_per_token']:.2f} | "
+                           f"{'–' if tpw is None else format(tpw, '.2f')} | {rec['byte_fallback_share']:.1%} | "
+                           f"{rec['partial_char_share']:.1%} |")
         out.append("")
     if body["language_expert"]:
         out += ["## Language expert", "", "```json", json.dumps(body["language_expert"], indent=2, default=str),
