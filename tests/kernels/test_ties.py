@@ -204,3 +204,11 @@ def test_bad_arguments_are_refused():
         ties_merge(base, [torch.ones(5)])
     with pytest.raises(ValueError, match="consensus"):
         ties_merge(base, experts, consensus="max")
+
+
+def test_scalar_and_empty_tensors(backend):
+    base, experts = torch.tensor(1.0), [torch.tensor(3.0), torch.tensor(0.0)]   # δ = 2 (kept), −1 (trimmed)
+    out, counts = ties_merge(*on(backend, base, experts), tau_hi=[2.0, 2.0], weights=[1.0, 1.0])
+    assert out.shape == () and out.item() == 3.0 and counts.survived == [1, 0]
+    out, counts = ties_merge(*on(backend, torch.zeros(0, 5), [torch.zeros(0, 5)]))
+    assert out.shape == (0, 5) and counts.kept == [0]
