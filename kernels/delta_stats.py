@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 PACK_LIMIT = 1 << 16      # tensors smaller than this share a launch
 PACK_BUFFER = 1 << 20     # elements per shared launch at most
-TILE = 1 << 16            # elements per Triton program
+TILE = 1 << 14            # elements per Triton program (a 1M-element tensor still fills 64 programs)
 BLOCK = 1024              # elements per Triton loop step
 
 
