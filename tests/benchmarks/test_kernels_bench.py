@@ -41,7 +41,12 @@ def ranks():
 
 
 def run(benchmark, fn, rounds):
-    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
+    """Rounds of one call each, after a warm-up; the 1-minute load average is recorded beside the figures
+    (the benchmark machine may be shared: figures taken under load > 2.5 on 2 cores are not comparable)."""
+    benchmark.extra_info["loadavg_before"] = os.getloadavg()[0]
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
+    benchmark.extra_info["loadavg_after"] = os.getloadavg()[0]
+    return result
 
 
 def test_threshold_exact_radix_select(benchmark):
