@@ -58,11 +58,12 @@ def test_forced_triton_leaves_the_environment_alone(clean_env):
     if not triton_available():
         pytest.skip("triton is not installed")
     clean_env.setenv("WORKBENCH_KERNELS", "triton")
-    base = torch.zeros(10)
-    ties_merge(base, [torch.ones(10)], method="task_arithmetic")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = torch.zeros(10, device=device)
+    ties_merge(base, [torch.ones(10, device=device)], method="task_arithmetic")
     assert "TRITON_INTERPRET" not in os.environ
     clean_env.delenv("WORKBENCH_KERNELS")
-    assert kernel_backend(base) == "cpu"
+    assert kernel_backend(base.cpu()) == "cpu"
 
 
 def test_import_does_not_import_triton():
