@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 PACK_LIMIT = 1 << 16      # tensors smaller than this share a launch
 PACK_BUFFER = 1 << 20     # elements per shared launch at most
-TILE = 1 << 16            # elements per Triton program
+TILE = 1 << 14            # elements per Triton program (a 1M-element tensor still fills 64 programs)
 BLOCK = 1024              # elements per Triton loop step
 
 
@@ -154,18 +154,19 @@ def delta_stats_triton(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> li
 
 def _piece_stats(b: torch.Tensor, e: torch.Tensor) -> tuple[float, float, float, float, int]:
     bf = b.float()
-    d = torch.sub(e, bf)                    # promotes: fp32 whatever e's dtype
+    d = e.float() - bf                          # a new tensor: free to square in place below
     peak = torch.linalg.vector_norm(d, math.inf)
     bad = 0
     if not torch.isfinite(peak):
         ok = torch.isfinite(d)
-        bad = int(ok.numel() - ok.sum())
+        bad = int(ok.numel() - ok.count_nonzero())
         d = torch.where(ok, d, 0.0)
         bf = torch.where(ok, bf, 0.0)
         peak = torch.linalg.vector_norm(d, math.inf)
-    # Norm reductions read d once each and allocate nothing; the squares come back as ‖·‖₂².
-    return (float(torch.linalg.vector_norm(d, 1)), float(torch.linalg.vector_norm(d, 2)) ** 2, float(peak),
-            float(torch.linalg.vector_norm(bf, 2)) ** 2, bad)
+    # ‖d‖₁ reads d without a temporary; the squares are summed with PyTorch's cascade sum, whose error
+    # (~1e-8 relative on 50M elements) is far below ‖d‖₂² from vector_norm (~1e-5).
+    sum_abs = float(torch.linalg.vector_norm(d, 1))
+    return sum_abs, float(d.mul_(d).sum()), float(peak), float(bf.square().sum()), bad
 
 
 def _small_group_stats(group) -> list[DeltaStats]:

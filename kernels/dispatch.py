@@ -13,7 +13,8 @@ where Triton is absent. Kernels are written as plain module-level functions mark
 :func:`triton_kernels` decorates them with ``triton.jit`` on first use, inside a private copy of the
 module's namespace in which ``tl`` is ``triton.language``. Deferring the decoration matters because
 ``triton.jit`` reads ``TRITON_INTERPRET`` when it runs, and Triton's own library functions read it when
-``triton`` is imported: the variable must be set before either happens.
+``triton`` is imported. On CPU, :func:`load_triton` imports Triton in interpreter mode itself; that fails
+only if something else imported Triton first (then set TRITON_INTERPRET=1 before Python starts).
 """
 from __future__ import annotations
 
@@ -72,22 +73,36 @@ def _interpreter_loaded(triton) -> bool:
 
 
 def load_triton(device: torch.device | str = "cpu"):
-    """Import Triton for a launch on `device`; on CPU this needs (and if possible turns on) the interpreter."""
+    """Import Triton for a launch on `device`; on CPU that needs Triton's interpreter.
+
+    If Triton is not imported yet, it is imported with TRITON_INTERPRET=1 set for the import only, so
+    its library functions become interpreter functions; the variable is then restored (so that one forced
+    Triton call does not force Triton on everything after it) and Triton's own interpret knob is set
+    instead, which Triton reads again when it imports submodules at launch time.
+    """
     on_cpu = torch.device(device).type == "cpu"
+    saved = os.environ.get("TRITON_INTERPRET")
     if on_cpu and "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton
+
+        if _interpreter_loaded(triton):
+            triton.knobs.runtime.interpret = True     # (this also writes the variable: restored below)
     except ImportError as exc:  # forced Triton without Triton installed
         raise KernelBackendError(
             "the Triton backend was forced (WORKBENCH_KERNELS=triton or TRITON_INTERPRET=1) but Triton "
             "cannot be imported; install triton or unset the variable to use the CPU path") from exc
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     if on_cpu and not _interpreter_loaded(triton):
         raise KernelBackendError(
-            "Triton on CPU tensors needs its interpreter, but triton was imported before TRITON_INTERPRET=1 "
-            "was set; set TRITON_INTERPRET=1 in the environment before Python starts")
-    if on_cpu:
-        os.environ["TRITON_INTERPRET"] = "1"  # triton.jit reads it when it decorates
+            "Triton on CPU tensors needs its interpreter, but triton was imported (by something else) "
+            "before TRITON_INTERPRET=1 was set; set TRITON_INTERPRET=1 in the environment before Python "
+            "starts, or use WORKBENCH_KERNELS=cpu")
     return triton
 
 
@@ -97,13 +112,13 @@ def jit(fn: Callable) -> Callable:
     return fn
 
 
-_COMPILED: dict[tuple[str, bool], types.SimpleNamespace] = {}
+_COMPILED: dict[str, types.SimpleNamespace] = {}
 
 
 def triton_kernels(module_globals: dict[str, Any], device: torch.device | str = "cpu") -> types.SimpleNamespace:
     """The module's :func:`jit`-marked functions as Triton kernels, by name (decorated once per module)."""
     triton = load_triton(device)
-    key = (module_globals["__name__"], _interpreter_loaded(triton))
+    key = module_globals["__name__"]
     if key not in _COMPILED:
         # A private scope: the module's globals, with `tl` bound and each marked function replaced by
         # its jitted version, so that kernels calling helpers resolve them to jitted functions too.
@@ -115,7 +130,7 @@ def triton_kernels(module_globals: dict[str, Any], device: torch.device | str = 
             fn = module_globals[name]
             clone = types.FunctionType(fn.__code__, scope, name, fn.__defaults__, fn.__closure__)
             clone.__module__ = fn.__module__
-            scope[name] = triton.jit(clone)
+            scope[name] = triton.jit(clone)     # reads the interpret knob set by load_triton
         _COMPILED[key] = types.SimpleNamespace(**{n: scope[n] for n in names})
     return _COMPILED[key]
 

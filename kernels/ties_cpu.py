@@ -24,12 +24,7 @@ def _delta(x: torch.Tensor, b: torch.Tensor | None):
 
     With b None (linear) δ is θ_t itself. Never writes into `x` (a view of the caller's tensor).
     """
-    if b is None:
-        d = x.float()
-    elif x.dtype == torch.float32:
-        d = x - b
-    else:
-        d = x.float().sub_(b)
+    d = x.float() if b is None else torch.sub(x, b)     # mixed bf16/fp16 − fp32 promotes to fp32
     a = d.abs()
     if torch.isfinite(a.max()):
         return d, a, None, 0
@@ -38,52 +33,50 @@ def _delta(x: torch.Tensor, b: torch.Tensor | None):
 
 
 def _ties_piece(b, xs, p: "_Params", counts):
-    keeps, slacks, deltas, values = [], [], [], []
+    # Per expert: keep = |δ| ≥ τ_hi and cand = |δ| ≥ τ_lo = keep ∨ slack (τ_lo ≤ τ_hi), so slack = cand ⊕ keep.
+    deltas, keeps, cands = [], [], []
     elect = elect_slack = None
     for t, x in enumerate(xs):
         d, a, ok, bad = _delta(x, b)
         counts[t, 3] += bad
         keep = a >= p.tau_hi[t]
-        if ok is not None:
+        cand = a >= p.tau_lo[t] if p.has_slack else keep
+        if ok is not None:                                   # only in pieces with NaN/Inf
             keep &= ok
-        v = torch.sign(d) if p.count_consensus else (d if p.weights[t] == 1.0 else d * p.weights[t])
+            cand = cand & ok if p.has_slack else keep
+        v = torch.sign(d) if p.count_consensus else _weighted(d, p.weights[t])
         term = torch.where(keep, v, 0.0)
-        elect = term if elect is None else elect.add_(term)
-        slack = None
+        elect = term if elect is None else elect.add_(term)  # a -0 start is harmless: only sign() is read
         if p.has_slack:
-            slack = (a >= p.tau_lo[t]) & ~keep
-            if ok is not None:
-                slack &= ok
-            term = torch.where(slack, v, 0.0)
+            term = torch.where(cand ^ keep, v, 0.0)
             elect_slack = term if elect_slack is None else elect_slack.add_(term)
-        keeps.append(keep)
-        slacks.append(slack)
-        deltas.append(d)
-        values.append(None if p.count_consensus else v)
         counts[t, 0] += int(keep.count_nonzero())
+        deltas.append(d)
+        keeps.append(keep)
+        cands.append(cand)
     s = torch.sign(elect)
     if p.has_slack:
         s = torch.where(s == 0, torch.sign(elect_slack), s)
-    num, den = torch.zeros_like(b), torch.zeros_like(b)
-    for t, (d, keep, slack, wd) in enumerate(zip(deltas, keeps, slacks, values)):
-        agree = (d * s) > 0
-        if slack is None:
-            agree &= keep
-            survived = int(agree.count_nonzero())
-            counts[t, 1] += survived
-        else:
-            agree &= keep | slack
+    num, den = torch.zeros_like(b), None
+    for t, (d, keep, cand) in enumerate(zip(deltas, keeps, cands)):
+        agree = (d * s) > 0                                  # sign(δ) = S ≠ 0
+        agree &= cand
+        if p.has_slack:
             survived = int((agree & keep).count_nonzero())
-            counts[t, 1] += survived
             counts[t, 2] += int(agree.count_nonzero()) - survived
-        if wd is None:
-            wd = d if p.weights[t] == 1.0 else d * p.weights[t]
-        num.add_(torch.where(agree, wd, 0.0))
-        den.add_(torch.where(agree, p.weights[t], 0.0))
+        else:
+            survived = int(agree.count_nonzero())
+        counts[t, 1] += survived
+        num.add_(torch.where(agree, _weighted(d, p.weights[t]), 0.0))
+        term = torch.where(agree, p.weights[t], 0.0)
+        den = term if den is None else den.add_(term)        # den is only compared with 0 and divided by
     if not p.normalize:
         return num
-    nonzero = den != 0
-    return num.div_(den.masked_fill_(~nonzero, 1.0)).masked_fill_(~nonzero, 0.0)
+    return torch.where(den != 0, num.div_(den), 0.0)
+
+
+def _weighted(d: torch.Tensor, w: float) -> torch.Tensor:
+    return d if w == 1.0 else d * w
 
 
 def _task_arithmetic_piece(b, xs, p: "_Params", counts):
@@ -93,7 +86,7 @@ def _task_arithmetic_piece(b, xs, p: "_Params", counts):
         counts[t, 3] += bad
         counts[t, 0] += d.numel() - bad
         counts[t, 1] += d.numel() - bad
-        acc.add_(d if p.weights[t] == 1.0 else d * p.weights[t])   # δ is already 0 where not finite
+        acc.add_(_weighted(d, p.weights[t]))                 # δ is already 0 where not finite
     return acc
 
 
@@ -108,8 +101,7 @@ def _linear_piece(xs, p: "_Params", counts):
             num, den = torch.zeros_like(d), torch.zeros_like(d)
         num.add_(d * p.weights[t])
         den.add_(torch.full_like(d, p.weights[t]) if ok is None else torch.where(ok, p.weights[t], 0.0))
-    nonzero = den != 0
-    return num.div_(den.masked_fill_(~nonzero, 1.0)).masked_fill_(~nonzero, 0.0)
+    return torch.where(den != 0, num.div_(den), 0.0)
 
 
 def ties_cpu(base, experts, p: "_Params", out) -> torch.Tensor:

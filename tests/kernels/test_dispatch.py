@@ -1,0 +1,124 @@
+"""The dispatcher: which backend runs, lazy Triton import, forced backends, and GPU code generation."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench.kernels import KernelBackendError, kernel_backend, ties_merge
+from workbench.kernels.dispatch import triton_available
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORKBENCH_KERNELS")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("WORKBENCH_KERNELS", raising=False)
+    return monkeypatch
+
+
+def test_cpu_tensors_take_the_cpu_path(clean_env):
+    assert kernel_backend(torch.zeros(3)) == "cpu"
+    assert kernel_backend() == "cpu"
+
+
+@pytest.mark.parametrize("env, backend", [
+    ({"WORKBENCH_KERNELS": "reference"}, "reference"),
+    ({"WORKBENCH_KERNELS": "triton"}, "triton"),
+    ({"WORKBENCH_KERNELS": "cpu"}, "cpu"),
+    ({"WORKBENCH_KERNELS": "auto"}, "cpu"),
+    ({"TRITON_INTERPRET": "1"}, "triton"),
+    ({"TRITON_INTERPRET": "0"}, "cpu"),
+])
+def test_environment_forces_a_backend(clean_env, env, backend):
+    for key, value in env.items():
+        clean_env.setenv(key, value)
+    assert kernel_backend(torch.zeros(3)) == backend
+
+
+def test_unknown_backend_is_an_error(clean_env):
+    clean_env.setenv("WORKBENCH_KERNELS", "gpu")
+    with pytest.raises(KernelBackendError, match="WORKBENCH_KERNELS"):
+        kernel_backend(torch.zeros(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_tensors_take_triton(clean_env):
+    assert kernel_backend(torch.zeros(3, device="cuda")) == ("triton" if triton_available() else "cpu")
+
+
+def test_forced_triton_leaves_the_environment_alone(clean_env):
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    clean_env.setenv("WORKBENCH_KERNELS", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = torch.zeros(10, device=device)
+    ties_merge(base, [torch.ones(10, device=device)], method="task_arithmetic")
+    assert "TRITON_INTERPRET" not in os.environ
+    clean_env.delenv("WORKBENCH_KERNELS")
+    assert kernel_backend(base.cpu()) == "cpu"
+
+
+def test_import_does_not_import_triton():
+    result = run_python("import sys, workbench.kernels; print('triton' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_without_triton_the_cpu_path_works_and_forcing_triton_explains():
+    code = """
+import sys
+sys.modules["triton"] = None                      # as if Triton were not installed
+import torch
+from workbench.kernels import ties_merge, KernelBackendError
+out, _ = ties_merge(torch.zeros(4), [torch.ones(4)], method="task_arithmetic")
+assert out.tolist() == [1.0] * 4
+import os
+os.environ["WORKBENCH_KERNELS"] = "triton"
+try:
+    ties_merge(torch.zeros(4), [torch.ones(4)], method="task_arithmetic")
+except KernelBackendError as exc:
+    print("error:", exc)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "error: the Triton backend was forced" in result.stdout
+
+
+def test_triton_imported_too_early_is_explained():
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    code = """
+import triton                                     # compiled mode: no TRITON_INTERPRET
+import torch
+from workbench.kernels import lerp_, KernelBackendError
+import os
+os.environ["WORKBENCH_KERNELS"] = "triton"
+try:
+    lerp_(torch.zeros(4), torch.ones(4), 0.5)
+except KernelBackendError as exc:
+    print("error:", exc)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "needs its interpreter" in result.stdout
+
+
+def test_kernels_compile_for_a_gpu():
+    """Real Triton (not the interpreter) compiles every kernel to sm_90 code, offline."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    script = Path(__file__).with_name("gpu_codegen.py")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip("this Triton build has no ptxas")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") >= 21
