@@ -139,8 +139,8 @@ def hub_model(source: ModelSource, *, key: str = "base") -> Path:
         raise UnsafeCheckpointError(
             f"{label} has no safetensors weights: workbench downloads only safetensors (pickled *.bin/*.pt "
             f"checkpoints can run code when loaded). Convert it once in an environment you trust "
-            f"(from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use it as `{key}: {{path: DIR}}`, "
-            f"or pick a revision that has safetensors")
+            f"(from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use it as "
+            f"`{key}: {{path: DIR}}`, or pick a revision that has safetensors")
     return local_model(folder)
 
 

@@ -173,7 +173,8 @@ TELUGU = ProblemLanguage(
     containers=({"containers": "బుట్టలు", "loc": "బుట్టలో"}, {"containers": "పెట్టెలు", "loc": "పెట్టెలో"},
                 {"containers": "సంచులు", "loc": "సంచిలో"}),
     templates={
-        "add": ("{name} వద్ద {a} {obj} ఉన్నాయి. {name} మరో {b} {obj} {bought}. ఇప్పుడు {name} వద్ద ఎన్ని {obj} ఉన్నాయి?",
+        "add": ("{name} వద్ద {a} {obj} ఉన్నాయి. {name} మరో {b} {obj} {bought}. "
+                "ఇప్పుడు {name} వద్ద ఎన్ని {obj} ఉన్నాయి?",
                 "{name} {a} {with} {started}. మరో {b} {obj} {bought}. {a} + {b} = {r}. సమాధానం {r}."),
         "sub": ("{name} వద్ద {a} {obj} ఉన్నాయి. {name} తన స్నేహితుడికి {b} {obj} {gave}. "
                 "ఇప్పుడు {name} వద్ద ఎన్ని {obj} ఉన్నాయి?",

@@ -67,7 +67,8 @@ def test_expert_with_one_tensor_of_another_shape_is_rejected_naming_it(local_pro
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(IncompatibleModelsError) as err:
         fetch_profile(load_language(str(local_profile)), tmp_path / "run")
-    assert "math: tensor 'model.layers.2.mlp.down_proj.weight' has shape [64, 128], 'base' has [64, 160]" in str(err.value)
+    expected = "math: tensor 'model.layers.2.mlp.down_proj.weight' has shape [64, 128], 'base' has [64, 160]"
+    assert expected in str(err.value)
     assert len(err.value.differences) == 1
     out = workbench("fetch", "--lang", str(local_profile), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 1 and "model.layers.2.mlp.down_proj.weight" in out.stderr
