@@ -6,45 +6,32 @@ directory (`<run_dir>/<name>-<key>/`); a stage is finished when its `stage.json`
 progress (trainer checkpoints, partial shards) lives inside the directory, so an interrupted stage resumes
 where it stopped.
 """
-import dataclasses
-import hashlib
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.provenance import cache_dir, canonical as _canonical, file_sha256, fingerprint  # noqa: F401
+
 RECORD = "stage.json"
+_FORCED: set = set()  # stage names (or name prefixes ending in "*") to redo although finished
 
 
-def _canonical(obj):
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        from workbench.config.schema import to_dict
-
-        return _canonical(to_dict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and obj.is_integer():
-        return int(obj)  # 1.0 and 1 in YAML mean the same setting
-    return obj
+@contextlib.contextmanager
+def force_rerun(names):
+    """Within this block, stages with these names count as not done (`--from`): they run again."""
+    added = set(names) - _FORCED
+    _FORCED.update(added)
+    try:
+        yield
+    finally:
+        _FORCED.difference_update(added)
 
 
-def fingerprint(obj, length=12) -> str:
-    """A short stable hash of plain data (dicts in any key order hash alike)."""
-    text = json.dumps(_canonical(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
-def file_sha256(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def _forced(name: str) -> bool:
+    return name in _FORCED or any(f.endswith("*") and name.startswith(f[:-1]) for f in _FORCED)
 
 
 def write_json_atomic(path, data):
@@ -70,7 +57,7 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return (self.path / RECORD).is_file()
+        return (self.path / RECORD).is_file() and not _forced(self.name)
 
     def record(self) -> dict:
         """The finished stage's record: its inputs, outputs and timings."""
@@ -78,11 +65,12 @@ class Stage:
 
     def start(self) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / RECORD).unlink(missing_ok=True)  # a rerun is unfinished until it finishes
         return self.path
 
     def finish(self, outputs: dict, **info) -> dict:
         """Mark the stage finished; `outputs` are paths relative to the stage dir or plain values."""
-        record = {"stage": self.name, "key": self.key, "inputs": _canonical(self.inputs),
+        record = {"stage": self.name, "key": self.key, "path": str(self.path), "inputs": _canonical(self.inputs),
                   "outputs": _canonical(outputs), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         write_json_atomic(self.path / RECORD, record)
         return record
@@ -92,11 +80,3 @@ def stage_for(run_dir, name: str, inputs: dict) -> Stage:
     """The stage directory for these inputs (not created until `start`)."""
     key = fingerprint(inputs)
     return Stage(name=name, key=key, path=Path(run_dir) / f"{name}-{key}", inputs=inputs)
-
-
-def cache_dir() -> Path:
-    """Cross-run cache (converted GGUF models, downloaded experts): $WORKBENCH_CACHE or ~/.cache/workbench."""
-    root = os.environ.get("WORKBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "workbench")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path

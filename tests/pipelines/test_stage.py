@@ -23,3 +23,15 @@ def test_stage_done_only_after_finish(tmp_path):
     assert again.done and again.path == stage.path
     assert again.record()["outputs"] == {"data": "data.txt"} and again.record()["tokens"] == 10
     assert not stage_for(tmp_path, "corpus", {"x": 2}).done
+
+
+def test_forced_stages_run_again(tmp_path):
+    from workbench.pipelines.stage import force_rerun
+
+    stage = stage_for(tmp_path, "merge-ties", {"x": 1})
+    stage.start()
+    stage.finish({})
+    with force_rerun(["merge-*"]):
+        assert not stage_for(tmp_path, "merge-ties", {"x": 1}).done
+        assert stage_for(tmp_path, "corpus", {"x": 1}).done is False  # never ran
+    assert stage_for(tmp_path, "merge-ties", {"x": 1}).done

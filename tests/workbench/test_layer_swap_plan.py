@@ -47,15 +47,18 @@ def test_auto_blocks_take_the_largest_winning_runs_at_each_end():
     assert plan.alphas == (1, 1, 0.5, 0, 0, 0, 0, 0)
 
 
-def test_auto_blocks_are_capped_to_keep_a_middle_layer():
+def test_auto_blocks_are_capped_to_fit():
     lang, task = [2.0] * 6, [1.0] * 6  # the language expert wins everywhere
     plan = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top="auto"), 6, lang, task)
-    assert plan.bottom + plan.top + 2 * plan.transition <= 5 and 0.0 in plan.alphas
+    assert (plan.bottom, plan.top) == (2, 2) and plan.alphas == (1, 1, 0.5, 0.5, 1, 1)
     assert any("capped" in n for n in plan.notes)
+    no_zone = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top="auto", transition=0),
+                              6, lang, task)
+    assert no_zone.bottom + no_zone.top == 5  # the task expert keeps one layer
 
 
 def test_explicit_blocks_that_leave_no_middle_are_rejected():
-    with pytest.raises(ConfigError, match="leave no layer of the task expert in a 6-layer model"):
+    with pytest.raises(ConfigError, match="do not fit in a 6-layer model \\(they need 7 layers"):
         plan_layer_swap(LayerSwap(task="math", language="language", bottom=3, top=2, transition=1), 6)
     with pytest.raises(ConfigError, match="'auto' needs the delta heatmap"):
         plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto"), 6)

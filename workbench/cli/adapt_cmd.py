@@ -1,20 +1,89 @@
-"""Run the whole pipeline for a language: corpus -> tokenizer check -> continual pretraining (language
-expert) -> task experts (SFT or fetch) -> delta analysis -> merges -> evaluation -> report.
+"""Run the whole pipeline for a language: fetch -> corpus -> tokenizer check (-> vocabulary extension) ->
+continual pretraining (language expert) -> task experts (SFT or fetch) -> delta analysis -> merges ->
+evaluation -> report.
 
-Each stage writes under the run directory keyed by a hash of its inputs: a rerun skips finished stages
-and resumes an interrupted one.
+Each stage writes under the run directory keyed by a hash of its inputs: a rerun skips finished stages and
+resumes an interrupted one; changing a setting reruns only the stages it affects.
+
+  workbench adapt --lang sw --profile micro          the offline CPU run (about 15 minutes on 2 cores)
+  workbench adapt --lang sw --profile micro --fast   a small variant for tests (a few minutes)
+  workbench adapt --lang te --profile paper-ties-sv --dry-run
 """
-from workbench.cli.common import NotBuiltError, add_config_arguments
+import time
+from pathlib import Path
+
+from workbench.cli.common import add_config_arguments
+
+# --from STAGE also redoes the content stages behind it (which key their own folders under <run>/work).
+CONTENT_STAGES = {
+    "corpus": ["corpus-text", "corpus", "tokenizer", "pretrain"],
+    "tokenizer": ["tokenizer", "corpus", "pretrain"],
+    "blocks": ["corpus", "pretrain"],
+    "language_expert": ["pretrain", "sft-language"],
+    "expert": ["sft-*"],
+}
 
 
 def add_arguments(parser):
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", default="runs", metavar="D", help="where stage outputs go (default: runs/)")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on")
-    parser.add_argument("--only", metavar="STAGE", help="run only this stage")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan; touch nothing, no network")
+    parser.add_argument("--run-dir", metavar="D", help="run directory (default: runs/<lang>-<profile>[-fast])")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on "
+                        "(fetch, corpus, tokenizer, blocks, language_expert, expert, analyze, merge, evaluate, report)")
+    parser.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be done)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; no network, nothing written")
     parser.add_argument("--fast", action="store_true", help="the profile's small variant (for tests)")
 
 
 def run(args):
-    raise NotBuiltError("`workbench adapt` is not built yet (issue: the adapt pipeline)")
+    from workbench.cli.common import load_config
+    from workbench.pipelines.adapt import build_graph
+    from workbench.pipelines.stage import force_rerun
+
+    loaded = load_config(args, fast=args.fast)
+    name = f"{loaded.language.code}-{loaded.profile_name}" + ("-fast" if args.fast else "")
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    graph = build_graph(loaded, run_dir)
+    lang = loaded.language
+    head = f"workbench adapt: {lang.name} ({lang.code}), profile {loaded.profile_name}" + \
+           (" --fast" if args.fast else "") + f", run directory {run_dir}"
+    if args.dry_run:
+        print(head)
+        print(loaded.profile.description.strip())
+        print("\n".join(graph.plan_lines()))
+        return 0
+    print(head)
+    started = time.perf_counter()
+    forced = []
+    if args.from_stage:
+        order = list(CONTENT_STAGES)
+        group = args.from_stage.split(":")[0]
+        if group in order:
+            for g in order[order.index(group):]:
+                forced += CONTENT_STAGES[g]
+    with force_rerun(forced):
+        records = graph.execute(from_stage=args.from_stage, only=args.only)
+    if "report" in records:
+        report = records["report"]["outputs"]
+        table = Path(records["evaluate"]["outputs"]["markdown"]).read_text(encoding="utf-8")
+        print("\n" + table)
+        verdict = _statements(report["json"])
+        for line in verdict:
+            print(f"- {line.replace('**', '')}")
+        best = report.get("best")
+        if best:
+            from workbench.pipelines.adapt import eval_models
+
+            print(f"\nrecommended model ({best}): {eval_models(records, loaded.profile)[best]}")
+        print(f"report: {report['markdown']}")
+    print(f"total time {_clock(time.perf_counter() - started)}")
+    return 0
+
+
+def _statements(report_json):
+    import json
+
+    return json.loads(Path(report_json).read_text(encoding="utf-8"))["verdict"]["statements"]
+
+
+def _clock(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

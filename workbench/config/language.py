@@ -109,6 +109,7 @@ class TokenizerConfig:
     extend_vocab: bool = option(False, doc="train sentencepiece on the corpus and add new pieces")
     new_pieces: int = number(1000, lo=1, doc="how many new pieces to add at most")
     sp_vocab_size: int = number(4000, lo=100, doc="sentencepiece model size trained on the corpus")
+    sp_model_type: Literal["bpe", "unigram"] = option("bpe", doc="sentencepiece model type")
     min_chars_per_token: float = number(0.6, lo=0, lo_open=True,
                                         doc="below this, the report recommends vocabulary extension")
 
@@ -266,6 +267,9 @@ class LanguageConfig:
                     raise (pw / "experts" / role).error(f"{role!r} is reserved; expected another expert name")
             roles = set(RESERVED_ROLES) | set(profile.experts)
             for mname, recipe in profile.merges.items():
+                if mname in roles:
+                    raise (pw / "merges" / mname).error(f"a merge named {mname!r} would share its name with a model "
+                                                        f"of the profile; expected another name")
                 for ref in recipe.references():
                     if ref not in roles:
                         raise (pw / "merges" / mname).error(

@@ -98,21 +98,23 @@ def plan_layer_swap(cfg, num_layers: int, rel_language=None, rel_task=None, wher
     if chosen["bottom"] == "default" or chosen["top"] == "default":
         notes.append(f"default blocks scaled from the setting reported for a 32-layer Llama 3.1 8B (bottom 5, "
                      f"top 2): bottom {default_b}, top {default_t} for {num_layers} layers")
-    # At least one layer of the task expert's middle must stay.
-    while _span(num_layers, b, t, z) > num_layers - 1 and (b or t):
-        fixed = [k for k in ("bottom", "top") if chosen[k] != "auto"]
-        if len(fixed) == 2 or (b if chosen["bottom"] == "auto" else 0) + (t if chosen["top"] == "auto" else 0) == 0:
-            raise ConfigError(f"{where}: bottom {b} + top {t} with {z} transition layer(s) on each inner edge leave "
-                              f"no layer of the task expert in a {num_layers}-layer model; expected fewer layers")
-        if chosen["bottom"] == "auto" and (b >= t or chosen["top"] != "auto") and b:
+    # The blocks and their transition zones must fit without overlapping, and the task expert must keep
+    # a share of at least one layer (otherwise the "merge" is the language expert).
+    def fits(b, t):
+        return _span(num_layers, b, t, z) <= num_layers and b + t < num_layers
+
+    while not fits(b, t):
+        shrink = [k for k in ("bottom", "top") if chosen[k] == "auto" and (b if k == "bottom" else t) > 0]
+        if not shrink:
+            raise ConfigError(f"{where}: bottom {b} + top {t} with {z} transition layer(s) on each inner edge do not "
+                              f"fit in a {num_layers}-layer model (they need {_span(num_layers, b, t, z)} layers and "
+                              f"must leave the task expert a share of at least one); expected fewer layers")
+        if "bottom" in shrink and (b >= t or "top" not in shrink):
             b -= 1
         else:
             t -= 1
     if (b, t) != (values["bottom"], values["top"]):
         notes.append(f"auto blocks capped from bottom {values['bottom']}, top {values['top']} to bottom {b}, "
-                     f"top {t} so that the task expert keeps at least one middle layer")
-    if _span(num_layers, b, t, z) > num_layers - 1:
-        raise ConfigError(f"{where}: bottom {b} + top {t} with {z} transition layer(s) leave no layer of the task "
-                          f"expert in a {num_layers}-layer model")
+                     f"top {t} so that the blocks and their transition zones fit in {num_layers} layers")
     return SwapPlan(num_layers=num_layers, bottom=b, top=t, transition=z,
                     alphas=tuple(layer_alphas(num_layers, b, t, z)), chosen_by=chosen, notes=tuple(notes))

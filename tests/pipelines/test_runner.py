@@ -1,0 +1,64 @@
+"""The stage graph: keys chain through dependencies, reruns skip, --from and --only select, changes propagate."""
+import pytest
+
+from workbench.errors import ConfigError
+from workbench.pipelines.runner import RunGraph, StageSpec, stage_output
+
+
+def build(run_dir, calls, settings):
+    graph = RunGraph(run_dir)
+
+    def step(name):
+        def run(stage, deps):
+            calls.append(name)
+            (stage.path / "out.txt").write_text(f"{name} {sorted(deps)}")
+            return {"file": "out.txt"}
+        return run
+
+    graph.add(StageSpec("corpus", {"block": settings["block"]}, step("corpus")))
+    graph.add(StageSpec("pretrain", {"steps": settings["steps"]}, step("pretrain"), deps=("corpus",)))
+    graph.add(StageSpec("merge:ties", {"density": settings["ties"]}, step("merge:ties"), deps=("pretrain",)))
+    graph.add(StageSpec("merge:ta", {}, step("merge:ta"), deps=("pretrain",)))
+    graph.add(StageSpec("report", {}, step("report"), deps=("merge:ties", "merge:ta")))
+    return graph
+
+
+def test_rerun_skips_and_a_change_reruns_only_downstream(tmp_path):
+    settings = {"block": 256, "steps": 10, "ties": 0.3}
+    calls = []
+    records = build(tmp_path, calls, settings).execute(log=lambda *_: None)
+    assert calls == ["corpus", "pretrain", "merge:ties", "merge:ta", "report"]
+    assert stage_output(records["corpus"], "file").read_text() == "corpus []"
+    calls.clear()
+    build(tmp_path, calls, settings).execute(log=lambda *_: None)
+    assert calls == []
+    build(tmp_path, calls, dict(settings, ties=0.4)).execute(log=lambda *_: None)
+    assert calls == ["merge:ties", "report"]
+    calls.clear()
+    build(tmp_path, calls, dict(settings, ties=0.4, steps=20)).execute(log=lambda *_: None)
+    assert calls == ["pretrain", "merge:ties", "merge:ta", "report"]
+
+
+def test_from_and_only(tmp_path):
+    settings = {"block": 256, "steps": 10, "ties": 0.3}
+    calls = []
+    build(tmp_path, calls, settings).execute(log=lambda *_: None)
+    calls.clear()
+    build(tmp_path, calls, settings).execute(from_stage="merge", log=lambda *_: None)
+    assert calls == ["merge:ties", "merge:ta", "report"]
+    calls.clear()
+    build(tmp_path, calls, settings).execute(only="merge:ta", log=lambda *_: None)
+    assert calls == ["merge:ta"]
+    with pytest.raises(ConfigError, match="no stage 'nope' in this run; stages: corpus, pretrain, merge, report"):
+        build(tmp_path, calls, settings).execute(only="nope", log=lambda *_: None)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match="stage report needs merge:ties, merge:ta first"):
+        build(fresh, [], settings).execute(only="report", log=lambda *_: None)
+
+
+def test_plan_lines_show_cached_state(tmp_path):
+    settings = {"block": 256, "steps": 10, "ties": 0.3}
+    graph = build(tmp_path, [], settings)
+    assert all("[to run]" in line for line in graph.plan_lines())
+    graph.execute(log=lambda *_: None)
+    assert all("[cached]" in line for line in build(tmp_path, [], settings).plan_lines())

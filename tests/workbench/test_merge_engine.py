@@ -1,0 +1,304 @@
+"""The merge engine on real tiny Llama models: each recipe equals its formula on whole state dicts.
+
+The reference formulas here are written independently of the kernels (TIES trims with torch.topk).
+Tolerance: the engine and the reference both compute in fp32 and round to the storage dtype once; sums
+may be taken in a different order, so a bf16 result may differ by one bf16 step (2^-8 relative):
+rtol 1e-2, atol 1e-4 for bf16 and rtol 1e-5, atol 1e-6 for fp32.
+"""
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from workbench.errors import IncompatibleModelsError, NonFiniteError
+from workbench.merge.engine import load_recipe, resolve_paths, run_merge
+from workbench.merge.layer_swap import layer_alphas
+
+TOL = {torch.bfloat16: dict(rtol=1e-2, atol=1e-4), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+def state_of(model_dir):
+    files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors")
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def merge(tmp_path, recipe_dict, name="out", **kwargs):
+    recipe_file = tmp_path / f"{name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe_dict), encoding="utf-8")
+    recipe, base_dir = load_recipe(recipe_file)
+    result = run_merge(recipe, resolve_paths(recipe, base_dir), tmp_path / name, progress=False, **kwargs)
+    return result, state_of(result.out_dir)
+
+
+def ceil_count(fraction, n):
+    """⌈f·n⌉ where f·n within float noise of an integer is that integer (0.4 + 0.2 is 0.6, not 0.6000000000000001)."""
+    x = fraction * n
+    return round(x) if abs(x - round(x)) < 1e-6 * max(x, 1) else math.ceil(x)
+
+
+def ties_reference(base, experts, weights, densities, slacks=None, lam=1.0):
+    """Yadav et al. (2023) trim/elect/disjoint-merge, plus Tao et al.'s slack band, on one tensor."""
+    slacks = slacks or [0.0] * len(experts)
+    b = base.float()
+    deltas = [e.float() - b for e in experts]
+    keeps, slack_masks = [], []
+    for d, k, s in zip(deltas, densities, slacks):
+        mag = d.abs().flatten()
+        n = mag.numel()
+        hi = torch.topk(mag, ceil_count(k, n)).values[-1] if k < 1 else torch.tensor(0.0)
+        lo = torch.topk(mag, ceil_count(min(1.0, k + s), n)).values[-1] if k + s < 1 else torch.tensor(0.0)
+        keeps.append(d.abs() >= hi)
+        slack_masks.append((d.abs() >= lo) & (d.abs() < hi))
+    elected = torch.sign(sum(w * d * m for w, d, m in zip(weights, deltas, keeps)))
+    fallback = torch.sign(sum(w * d * m for w, d, m in zip(weights, deltas, slack_masks)))
+    elected = torch.where(elected == 0, fallback, elected)
+    num = torch.zeros_like(b)
+    den = torch.zeros_like(b)
+    for w, d, keep, sl in zip(weights, deltas, keeps, slack_masks):
+        agree = (keep | sl) & (torch.sign(d) == elected) & (elected != 0)
+        num += torch.where(agree, w * d, 0.0)
+        den += torch.where(agree, torch.full_like(d, w), 0.0)
+    merged = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
+    return (b + lam * merged).to(base.dtype)
+
+
+@pytest.fixture
+def bf16_family(tiny_llama_factory):
+    base_dir, base = tiny_llama_factory("base", seed=0, dtype=torch.bfloat16)
+    lang_dir, lang = tiny_llama_factory("lang", seed=1, base_state=base, delta_scale=0.02, dtype=torch.bfloat16,
+                                        layer_scales=[3.0, 1.0, 0.5, 2.5])
+    task_dir, task = tiny_llama_factory("task", seed=2, base_state=base, delta_scale=0.02, dtype=torch.bfloat16,
+                                        layer_scales=[0.5, 2.0, 2.0, 0.5])
+    return {"base": (base_dir, base), "lang": (lang_dir, lang), "task": (task_dir, task)}
+
+
+def test_task_arithmetic_and_linear_equal_their_formulas(tmp_path, bf16_family):
+    (b_dir, b), (l_dir, l), (t_dir, t) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
+    _, ta = merge(tmp_path, {"method": "task_arithmetic", "base": str(b_dir), "lambda": 0.8,
+                             "models": [{"model": str(l_dir), "weight": 0.7}, {"model": str(t_dir)}]}, "ta")
+    _, lin = merge(tmp_path, {"method": "linear", "models": [{"model": str(l_dir), "weight": 3},
+                                                            {"model": str(t_dir), "weight": 1}]}, "lin")
+    for name in b:
+        expect = (b[name].float() + 0.8 * (0.7 * (l[name].float() - b[name].float())
+                                           + (t[name].float() - b[name].float()))).to(torch.bfloat16)
+        torch.testing.assert_close(ta[name], expect, **TOL[torch.bfloat16])
+        torch.testing.assert_close(lin[name], ((3 * l[name].float() + t[name].float()) / 4).to(torch.bfloat16),
+                                   **TOL[torch.bfloat16])
+
+
+def test_ties_and_ties_sv_equal_the_reference(tmp_path, bf16_family):
+    (b_dir, b), (l_dir, l), (t_dir, t) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
+    res, ties = merge(tmp_path, {"method": "ties", "base": str(b_dir), "models": [
+        {"model": str(l_dir), "density": 0.3}, {"model": str(t_dir), "density": 0.4}]}, "ties")
+    _, sv = merge(tmp_path, {"method": "ties_sv", "base": str(b_dir), "models": [
+        {"model": str(l_dir), "density": 0.3}, {"model": str(t_dir), "density": 0.4, "slack": 0.2}]}, "sv")
+    for name in b:
+        torch.testing.assert_close(ties[name], ties_reference(b[name], [l[name], t[name]], [1, 1], [0.3, 0.4]),
+                                   **TOL[torch.bfloat16])
+        torch.testing.assert_close(sv[name], ties_reference(b[name], [l[name], t[name]], [1, 1], [0.3, 0.4],
+                                                            [0.0, 0.2]), **TOL[torch.bfloat16])
+    experts = res.report["experts"]
+    assert [e["model"] for e in experts] == [str(l_dir), str(t_dir)]
+    assert 0.3 <= experts[0]["kept_fraction"] < 0.32  # ties at a threshold only add a few
+    assert 0 < experts[1]["survival_without_slack"] < 1
+
+
+def test_ties_sv_with_zero_slack_writes_the_same_bytes_as_ties(tmp_path, bf16_family):
+    (b_dir, _), (l_dir, _), (t_dir, _) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
+    models = [{"model": str(l_dir), "density": 0.25}, {"model": str(t_dir), "density": 0.5}]
+    a, _ = merge(tmp_path, {"method": "ties", "base": str(b_dir), "models": models}, "a")
+    b, _ = merge(tmp_path, {"method": "ties_sv", "base": str(b_dir), "models": models}, "b")
+    weights = sorted(p.name for p in a.out_dir.iterdir() if p.name not in ("README.md", "merge_report.json"))
+    assert weights == sorted(p.name for p in b.out_dir.iterdir() if p.name not in ("README.md", "merge_report.json"))
+    for fname in weights:
+        assert (a.out_dir / fname).read_bytes() == (b.out_dir / fname).read_bytes(), fname
+
+
+def test_model_scope_ranks_all_trimmed_tensors_together(tmp_path, bf16_family):
+    (b_dir, b), (l_dir, l), (t_dir, t) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
+    res, out = merge(tmp_path, {"method": "ties", "base": str(b_dir), "scope": "model", "models": [
+        {"model": str(l_dir), "density": 0.2}, {"model": str(t_dir), "density": 0.2}]}, "scope")
+    pool = [n for n in b if "embed_tokens" not in n and "lm_head" not in n]
+    taus = []
+    for e in (l, t):
+        mags = torch.cat([(e[n].float() - b[n].float()).abs().flatten() for n in pool])
+        taus.append(float(torch.topk(mags, ceil_count(0.2, mags.numel())).values[-1]))
+    got = res.report["model_scope_thresholds"]
+    assert [got[str(l_dir)]["tau_hi"], got[str(t_dir)]["tau_hi"]] == taus
+    kept_layers = {r["kept_fraction"][0] for n, r in res.report["tensors"].items() if n in pool}
+    assert len(kept_layers) > 1  # one global threshold keeps different shares of different tensors
+
+
+def test_layer_swap_copies_blends_and_keeps(tmp_path, tiny_llama_factory):
+    base_dir, base = tiny_llama_factory("base", seed=0, layers=6)
+    lang_dir, lang = tiny_llama_factory("lang", seed=1, layers=6, base_state=base, delta_scale=0.05)
+    task_dir, task = tiny_llama_factory("task", seed=2, layers=6, base_state=base, delta_scale=0.05)
+    res, out = merge(tmp_path, {"method": "layer_swap", "base": str(base_dir), "layer_swap": {
+        "task": str(task_dir), "language": str(lang_dir), "bottom": 2, "top": 1, "transition": 1,
+        "embeddings": "task", "lm_head": "language", "final_norm": "base"}}, "swap")
+    alphas = layer_alphas(6, 2, 1, 1)
+    assert alphas == [1, 1, 0.5, 0, 0.5, 1]
+    for name, value in out.items():
+        if ".layers." in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            a = alphas[layer]
+            if a == 1:
+                assert torch.equal(value, lang[name]), name
+            elif a == 0:
+                assert torch.equal(value, task[name]), name
+            else:
+                torch.testing.assert_close(value, (1 - a) * task[name] + a * lang[name], rtol=1e-6, atol=1e-7)
+    assert torch.equal(out["model.embed_tokens.weight"], task["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], lang["lm_head.weight"])
+    assert torch.equal(out["model.norm.weight"], base["model.norm.weight"])
+    assert res.report["layer_swap"]["alphas"] == alphas
+    model = AutoModelForCausalLM.from_pretrained(res.out_dir)
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9, 42]])).logits).all()
+
+
+def test_layer_swap_auto_uses_the_delta_heatmap(tmp_path, tiny_llama_factory):
+    base_dir, base = tiny_llama_factory("base", seed=0, layers=6)
+    # The language expert changed the bottom two and the top layer most; the task expert the middle.
+    lang_dir, _ = tiny_llama_factory("lang", seed=1, layers=6, base_state=base, delta_scale=0.02,
+                                     layer_scales=[4, 4, 0.2, 0.2, 0.2, 4])
+    task_dir, _ = tiny_llama_factory("task", seed=2, layers=6, base_state=base, delta_scale=0.02,
+                                     layer_scales=[1, 1, 3, 3, 3, 1])
+    res, _ = merge(tmp_path, {"method": "layer_swap", "base": str(base_dir), "layer_swap": {
+        "task": str(task_dir), "language": str(lang_dir), "bottom": "auto", "top": "auto"}}, "auto")
+    swap = res.report["layer_swap"]
+    assert (swap["bottom"], swap["top"]) == (2, 1) and swap["chosen_by"] == {"bottom": "auto", "top": "auto"}
+
+
+def test_merged_model_loads_and_gives_finite_logits(tmp_path, tiny_family):
+    (b_dir, _), (l_dir, _), (t_dir, _) = tiny_family["base"], tiny_family["language"], tiny_family["task"]
+    res, _ = merge(tmp_path, {"method": "dare_ties", "base": str(b_dir), "seed": 7, "models": [
+        {"model": str(l_dir), "density": 0.5}, {"model": str(t_dir), "density": 0.5}]}, "dare",
+        max_shard_bytes=100_000)
+    assert (res.out_dir / "model.safetensors.index.json").is_file()
+    assert (res.out_dir / "tokenizer.json").is_file() and (res.out_dir / "README.md").is_file()
+    model = AutoModelForCausalLM.from_pretrained(res.out_dir)
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9, 42]])).logits).all()
+    again, _ = merge(tmp_path, {"method": "dare_ties", "base": str(b_dir), "seed": 7, "models": [
+        {"model": str(l_dir), "density": 0.5}, {"model": str(t_dir), "density": 0.5}]}, "dare2",
+        max_shard_bytes=100_000)
+    shards = sorted(p.name for p in res.out_dir.glob("*.safetensors"))
+    assert all((res.out_dir / f).read_bytes() == (again.out_dir / f).read_bytes() for f in shards)
+
+
+def test_mismatched_experts_fail_before_any_output(tmp_path, tiny_llama_factory):
+    base_dir, base = tiny_llama_factory("base", seed=0)
+    wide_dir, _ = tiny_llama_factory("wide", seed=1, intermediate=192)
+    short_dir, _ = tiny_llama_factory("short", seed=2, layers=3)
+    with pytest.raises(IncompatibleModelsError) as err:
+        merge(tmp_path, {"method": "ties", "base": str(base_dir), "models": [
+            {"model": str(wide_dir), "density": 0.5}, {"model": str(short_dir), "density": 0.5}]}, "bad")
+    text = str(err.value)
+    assert "model.layers.0.mlp.up_proj.weight" in text and "model.layers.3.mlp.up_proj.weight" in text
+    assert "intermediate_size" in text and "num_hidden_layers" in text
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_nonfinite_input_is_reported_by_name(tmp_path, tiny_llama_factory):
+    from safetensors.torch import save_file
+
+    base_dir, base = tiny_llama_factory("base", seed=0)
+    exp_dir, exp = tiny_llama_factory("exp", seed=1, base_state=base, delta_scale=0.02)
+    poisoned = dict(exp)
+    poisoned["model.layers.1.self_attn.k_proj.weight"] = poisoned["model.layers.1.self_attn.k_proj.weight"].clone()
+    poisoned["model.layers.1.self_attn.k_proj.weight"][0, :3] = float("nan")
+    save_file({k: v.contiguous() for k, v in poisoned.items()}, str(exp_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    recipe = {"method": "task_arithmetic", "base": str(base_dir), "models": [{"model": str(exp_dir)}]}
+    with pytest.raises(NonFiniteError, match=r"tensor model\.layers\.1\.self_attn\.k_proj\.weight: NaN/Inf"):
+        merge(tmp_path, recipe, "nan")
+    assert not (tmp_path / "nan").exists()
+    res, out = merge(tmp_path, recipe, "nan_ok", allow_nonfinite=True)
+    assert res.report["nonfinite_total"] == 3
+    w = out["model.layers.1.self_attn.k_proj.weight"]
+    assert torch.isfinite(w).all()
+    assert torch.equal(w[0, :3], base["model.layers.1.self_attn.k_proj.weight"][0, :3])
+
+
+def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tiny_llama_factory):
+    base_dir, base = tiny_llama_factory("base", seed=0)
+    task_dir, task = tiny_llama_factory("task", seed=2, base_state=base, delta_scale=0.02)
+    # The language expert: the base with 16 more vocabulary rows, then trained (noise).
+    big_dir, big = tiny_llama_factory("big", seed=3, vocab_size=528)
+    grown = {k: v.clone() for k, v in base.items()}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([base[name], big[name][512:]])
+    lang_dir, lang = tiny_llama_factory("lang", seed=4, vocab_size=528, base_state=grown, delta_scale=0.02)
+    res, out = merge(tmp_path, {"method": "task_arithmetic", "base": str(base_dir), "models": [
+        {"model": str(lang_dir)}, {"model": str(task_dir)}]}, "ext")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape[0] == 528
+        expect = base[name] + (lang[name][:512] - base[name]) + (task[name] - base[name])
+        torch.testing.assert_close(out[name][:512], expect, rtol=1e-5, atol=1e-6)
+        assert torch.equal(out[name][512:], lang[name][512:])
+    assert res.report["output"]["extended_vocab"] == str(lang_dir)
+    assert AutoModelForCausalLM.from_pretrained(res.out_dir).config.vocab_size == 528
+    other_dir, _ = tiny_llama_factory("other", seed=5, vocab_size=528, hidden=64, intermediate=192)
+    with pytest.raises(IncompatibleModelsError, match="mlp"):
+        merge(tmp_path, {"method": "task_arithmetic", "base": str(base_dir), "models": [
+            {"model": str(other_dir)}, {"model": str(task_dir)}]}, "ext_bad")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from workbench.merge import engine
+    slow = float(sys.argv[3])
+    compute = engine._Executor.compute
+    def throttled(self, op, inputs):
+        time.sleep(slow)
+        return compute(self, op, inputs)
+    engine._Executor.compute = throttled
+    recipe, base_dir = engine.load_recipe(sys.argv[1])
+    engine.run_merge(recipe, engine.resolve_paths(recipe, base_dir), sys.argv[2], max_shard_bytes=60_000,
+                     progress=False)
+""")
+
+
+def test_killed_merge_resumes_to_identical_output(tmp_path, tiny_family):
+    (b_dir, _), (l_dir, _), (t_dir, _) = tiny_family["base"], tiny_family["language"], tiny_family["task"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "ties_sv", "base": str(b_dir), "models": [
+        {"model": str(l_dir), "density": 0.3}, {"model": str(t_dir), "density": 0.3, "slack": 0.1}]}))
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, str(script), str(recipe), str(reference), "0"], check=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(recipe), str(out), "0.15"])
+    partial = tmp_path / "out.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until a few shards are finished
+        if partial.is_dir() and len(list(partial.glob("model-*.safetensors"))) >= 3:
+            break
+        assert proc.poll() is None, "the throttled merge finished before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    finished = len(list(partial.glob("model-*.safetensors")))
+    subprocess.run([sys.executable, str(script), str(recipe), str(out), "0"], check=True)
+    assert finished >= 3 and out.is_dir() and not partial.exists()
+    files = sorted(p.name for p in reference.iterdir() if p.name != "README.md")
+    assert files == sorted(p.name for p in out.iterdir() if p.name != "README.md")
+    for fname in files:
+        if fname == "merge_report.json":
+            continue  # holds timings
+        assert (reference / fname).read_bytes() == (out / fname).read_bytes(), fname
+    assert yaml.safe_load((out / "merge_report.json").read_text())["tensors"] == \
+        yaml.safe_load((reference / "merge_report.json").read_text())["tensors"]

@@ -1,0 +1,1 @@
+"""Benchmarks a user can run and compare (`workbench bench kernels|merge|pretrain`)."""

@@ -1,0 +1,175 @@
+"""Side-by-side merge benchmark: a generated ~270M-parameter Llama and two experts, merged by workbench and,
+when it is installed, by mergekit, each as its own process (wall time, peak RSS, ratios).
+
+Both tools read the same bf16 safetensors from a warm page cache and write bf16 output.
+"""
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench.bench.processes import run_measured, warm_page_cache
+from workbench.checkpoint import ShardedWriter
+
+SIZES = {
+    # hidden, intermediate, layers, vocab: the merge issue's ~270M model, and a small one for a quick run.
+    "270m": dict(hidden=1024, intermediate=2816, layers=16, vocab=32000, heads=16),
+    "tiny": dict(hidden=256, intermediate=704, layers=4, vocab=4000, heads=4),
+}
+
+
+def llama_tensors(hidden, intermediate, layers, vocab, heads):
+    """(name, shape) of an untied Llama, in the order transformers stores them."""
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield p + f"self_attn.{proj}.weight", (hidden, hidden)
+        yield p + "mlp.gate_proj.weight", (intermediate, hidden)
+        yield p + "mlp.up_proj.weight", (intermediate, hidden)
+        yield p + "mlp.down_proj.weight", (hidden, intermediate)
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+    yield "model.norm.weight", (hidden,)
+    yield "lm_head.weight", (vocab, hidden)
+
+
+def write_random_llama(out: Path, size: str, seed: int, base_seed: int | None = None, delta_std=2e-3):
+    """A random bf16 Llama (or, with `base_seed`, that base plus N(0, delta_std²) noise), streamed to disk."""
+    from transformers import LlamaConfig
+
+    dims = SIZES[size]
+    names = list(llama_tensors(**dims))
+    plan = [(n, shape, torch.bfloat16) for n, shape in names]
+    config = LlamaConfig(hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+                         num_hidden_layers=dims["layers"], vocab_size=dims["vocab"],
+                         num_attention_heads=dims["heads"], num_key_value_heads=dims["heads"],
+                         tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    with ShardedWriter(out, plan, max_shard_bytes=1 << 30,
+                       extra_files={"config.json": config.to_json_string()}) as writer:
+        for i, (name, shape) in enumerate(names):
+            gen = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100003 + i)
+            t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+            if base_seed is not None:
+                noise = torch.Generator().manual_seed(seed * 100003 + i)
+                t += torch.randn(shape, generator=noise) * delta_std
+            writer.write(name, t.to(torch.bfloat16))
+        writer.finalize()
+    return out
+
+
+def ensure_models(root: Path, size: str) -> dict:
+    """Generate base, two experts (cached under `root`)."""
+    models = {}
+    for label, seed, base_seed in (("base", 1, None), ("expert_a", 2, 1), ("expert_b", 3, 1)):
+        path = root / f"{size}-{label}"
+        if not path.is_dir():
+            write_random_llama(path, size, seed, base_seed)
+        models[label] = path
+    return models
+
+
+@dataclass
+class Case:
+    name: str
+    workbench: dict  # recipe
+    mergekit: dict | None  # mergekit config
+
+
+def cases(models: dict, layers: int) -> list:
+    a, b, base = str(models["expert_a"]), str(models["expert_b"]), str(models["base"])
+    bottom, top = max(1, int(5 * layers / 32 + 0.5)), max(1, int(2 * layers / 32 + 0.5))
+    ties_mk = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16", "parameters": {"normalize": True},
+               "models": [{"model": a, "parameters": {"density": 0.2, "weight": 1.0}},
+                          {"model": b, "parameters": {"density": 0.2, "weight": 1.0}}]}
+    ta_mk = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+             "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}
+    swap_mk = {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, bottom]}]},
+        {"sources": [{"model": b, "layer_range": [bottom, layers - top]}]},
+        {"sources": [{"model": a, "layer_range": [layers - top, layers]}]}]}
+    return [
+        Case("ties", {"method": "ties", "base": base, "models": [{"model": a, "density": 0.2},
+                                                                 {"model": b, "density": 0.2}]}, ties_mk),
+        Case("ties_sv", {"method": "ties_sv", "base": base, "models": [
+            {"model": a, "density": 0.2}, {"model": b, "density": 0.2, "slack": 0.1}]}, ties_mk),
+        Case("task_arithmetic", {"method": "task_arithmetic", "base": base, "models": [{"model": a}, {"model": b}]},
+             ta_mk),
+        Case("layer_swap", {"method": "layer_swap", "base": base, "layer_swap": {
+            "task": b, "language": a, "bottom": bottom, "top": top, "transition": 1}}, swap_mk),
+    ]
+
+
+def mergekit_command():
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        candidate = Path(sys.executable).with_name("mergekit-yaml")
+        exe = str(candidate) if candidate.exists() else None
+    return exe
+
+
+def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, progress=print) -> dict:
+    """Run every case with both tools; returns {case: {tool: {seconds, peak_rss_gb}, ratios}}."""
+    import yaml
+
+    work.mkdir(parents=True, exist_ok=True)
+    models = ensure_models(work / "models", size)
+    files = [f for m in models.values() for f in m.glob("*.safetensors")]
+    mk = mergekit_command() if mergekit else None
+    results = {"size": size, "parameters": sum(_numel(s) for _, s in llama_tensors(**SIZES[size])),
+               "mergekit": mk is not None, "cases": {}}
+    for case in cases(models, SIZES[size]["layers"]):
+        if only and case.name not in only:
+            continue
+        row = {}
+        recipe = work / f"{case.name}.workbench.yaml"
+        recipe.write_text(yaml.safe_dump(case.workbench), encoding="utf-8")
+        out = work / f"out-{case.name}-workbench"
+        shutil.rmtree(out, ignore_errors=True)
+        warm_page_cache(files)
+        run = run_measured([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out),
+                            "--device", "cpu"])
+        if run.returncode != 0:
+            raise RuntimeError(f"workbench merge failed for {case.name}:\n{run.output[-2000:]}")
+        row["workbench"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
+        shutil.rmtree(out, ignore_errors=True)
+        if mk is not None and case.mergekit is not None:
+            config = work / f"{case.name}.mergekit.yaml"
+            config.write_text(yaml.safe_dump(case.mergekit), encoding="utf-8")
+            out = work / f"out-{case.name}-mergekit"
+            shutil.rmtree(out, ignore_errors=True)
+            warm_page_cache(files)
+            run = run_measured([mk, str(config), str(out), "--allow-crimes", "--lazy-unpickle"])
+            if run.returncode != 0:
+                row["mergekit"] = {"error": run.output[-1500:]}
+            else:
+                row["mergekit"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
+                row["time_ratio"] = round(row["workbench"]["seconds"] / row["mergekit"]["seconds"], 3)
+                row["rss_ratio"] = round(row["workbench"]["peak_rss_gb"] / row["mergekit"]["peak_rss_gb"], 3)
+            shutil.rmtree(out, ignore_errors=True)
+        results["cases"][case.name] = row
+        progress(f"{case.name}: {json.dumps(row)}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"merge benchmark: {results['parameters'] / 1e6:.0f}M-parameter bf16 Llama, two experts "
+             f"(mergekit {'installed' if results['mergekit'] else 'not installed'})",
+             f"{'case':<16} {'workbench s':>11} {'RSS GB':>7} {'mergekit s':>10} {'RSS GB':>7} {'time x':>7} "
+             f"{'RSS x':>6}"]
+    for name, row in results["cases"].items():
+        wb, mk = row["workbench"], row.get("mergekit") or {}
+        lines.append(f"{name:<16} {wb['seconds']:>11.2f} {wb['peak_rss_gb']:>7.2f} "
+                     f"{mk.get('seconds', float('nan')):>10.2f} {mk.get('peak_rss_gb', float('nan')):>7.2f} "
+                     f"{row.get('time_ratio', float('nan')):>7.2f} {row.get('rss_ratio', float('nan')):>6.2f}")
+    return "\n".join(lines)
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,299 @@
+"""Run a merge: validate → plan → stream tensor by tensor through the kernels into a sharded writer.
+
+Peak memory is about (T + 2) × the largest tensor: each input tensor is a private copy-on-write map of
+its file, released as soon as its output is written; the output may be written over the base's buffer.
+An interrupted merge resumes from its last finished shard; the output directory appears only when
+complete (the writer renames it into place).
+"""
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench import __version__
+from workbench.analysis import expert_delta_stats, extended_label, layer_profile
+from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
+from workbench.config.schema import Where, parse, to_dict
+from workbench.errors import ConfigError, NonFiniteError
+from workbench.kernels import lerp_, topk_thresholds_multi
+from workbench.merge.card import build_report, render_card
+from workbench.merge.methods import TensorMerge, merge_tensor
+from workbench.merge.plan import build_plan
+from workbench.merge.recipe import MergeRecipe
+from workbench.provenance import file_identity, fingerprint
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    report: dict
+    seconds: float
+
+
+def load_recipe(path) -> tuple[MergeRecipe, Path]:
+    """Read and validate a recipe file; model paths in it are relative to its folder."""
+    from workbench.config.loader import read_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    raw = read_yaml(path, str(path))
+    return parse(MergeRecipe, raw, Where(str(path))), path.resolve().parent
+
+
+def resolve_paths(recipe: MergeRecipe, base_dir: Path, source="recipe") -> dict:
+    """{reference: model directory} for a standalone recipe whose references are paths."""
+    models = {}
+    for ref in recipe.references():
+        path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
+        if not path.is_dir():
+            raise ConfigError(f"{source}: model {ref!r}: no such model directory ({path})")
+        models[ref] = path
+    return models
+
+
+def _pick_device(requested):
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(requested)
+
+
+class _Inputs:
+    """Input tensors for each op: copy-on-write maps on CPU; on GPU, pinned copies fetched one op ahead."""
+
+    def __init__(self, readers: dict, device: torch.device):
+        self.readers, self.device = readers, device
+        self.pool = ThreadPoolExecutor(max_workers=1) if device.type == "cuda" else None
+        self.ahead = {}
+
+    def _load(self, op):
+        out = {}
+        for ref in op.inputs():
+            reader = self.readers[ref]
+            if self.pool is None:
+                out[ref] = reader.get(op.name)
+            else:
+                spec = reader.spec(op.name)
+                buf = torch.empty(spec.shape, dtype=spec.dtype, pin_memory=True)
+                out[ref] = reader.read_into(op.name, buf)
+        return out
+
+    def prefetch(self, op):
+        if self.pool is not None and op is not None and op.name not in self.ahead:
+            self.ahead[op.name] = self.pool.submit(self._load, op)
+
+    def take(self, op) -> dict:
+        tensors = self.ahead.pop(op.name).result() if op.name in self.ahead else self._load(op)
+        if self.device.type != "cpu":
+            tensors = {ref: t.to(self.device, non_blocking=True) for ref, t in tensors.items()}
+        return tensors
+
+    def release(self, op):
+        for ref in op.inputs():
+            self.readers[ref].release(op.name)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class _Executor:
+    """Compute one output tensor from its op and input tensors."""
+
+    def __init__(self, plan, thresholds: dict, allow_nonfinite: bool, seed: int):
+        self.plan, self.thresholds = plan, thresholds
+        self.allow_nonfinite, self.seed = allow_nonfinite, seed
+
+    def extended_tail(self, op, inputs):
+        """The extended model's tensor, whose rows [V, V') this output takes (DESIGN.md §4.6a), or None."""
+        return inputs[self.plan.extended] if op.extra else None
+
+    def check_finite(self, op, ref, tensor):
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum()) if tensor.is_floating_point() else 0
+        if bad and not self.allow_nonfinite:
+            raise NonFiniteError(f"tensor {op.name} of model {ref}: {bad} NaN/Inf value(s); fix the model, or pass "
+                                 f"--allow-nonfinite to merge anyway (non-finite deltas count as 0)")
+        return bad
+
+    def compute(self, op, inputs: dict) -> tuple[torch.Tensor, dict]:
+        if op.kind == "copy":
+            src = inputs[op.source]
+            bad = self.check_finite(op, op.source, src)
+            out = self._assemble(op, inputs, src.to(op.dtype))
+            record = {"op": "copy", "source": op.source}
+            if bad:
+                record["nonfinite"] = bad
+            return out, record
+        if op.kind == "merge":
+            out, info = self._merge(op, inputs)
+            return out, {"op": "merge", **info}
+        # swap: (1 − α)·middle + α·language, in the middle tensor's buffer
+        if op.recipe is not None:
+            middle, info = self._merge(op, inputs)
+        else:
+            middle, info = inputs[op.source], {"source": op.source}
+            self.check_finite(op, op.source, middle)
+            middle = middle.to(op.dtype)
+        language = inputs[op.language]
+        self.check_finite(op, op.language, language)
+        lerp_(middle, language, op.alpha)
+        return middle, {"op": "swap", "alpha": op.alpha, "language": op.language, **info}
+
+    def _assemble(self, op, inputs, shared):
+        """Add the extended model's new rows to a tensor of the shared rows (DESIGN.md §4.6a)."""
+        tail = self.extended_tail(op, inputs)
+        if tail is None or shared.shape[0] == op.shape[0]:
+            return shared
+        out = torch.empty(op.shape, dtype=op.dtype, device=shared.device)
+        out[: shared.shape[0]] = shared
+        out[shared.shape[0]:] = tail[shared.shape[0]:].to(op.dtype)
+        return out
+
+    def _merge(self, op, inputs):
+        recipe = op.recipe
+        base = inputs[recipe.base] if recipe.base else None
+        experts = [inputs[e.model] for e in recipe.models]
+        rows = self.plan.shared_rows if self.extended_tail(op, inputs) is not None else None
+        if rows is not None:
+            base = base[:rows] if base is not None else None
+            experts = [e[:rows] for e in experts]
+        if base is not None and base.dtype == op.dtype and rows is None:
+            out = base  # in place: the base's private buffer becomes the output
+        else:
+            shape = (rows,) + tuple(op.shape[1:]) if rows is not None else op.shape
+            out = torch.empty(shape, dtype=op.dtype, device=experts[0].device)
+        job = TensorMerge(name=op.name, base=base, experts=experts, weights=[e.weight for e in recipe.models],
+                          densities=[e.density for e in recipe.models], slacks=[e.slack for e in recipe.models],
+                          lam=recipe.lam, normalize=recipe.normalize, consensus=recipe.consensus,
+                          seed=(self.seed * 1000003 + zlib.crc32(op.name.encode())) % (2**31),
+                          thresholds=self.thresholds.get(op.name) if recipe.scope == "model" else None, out=out)
+        result, info = merge_tensor(recipe.method, job)
+        if any(info.nonfinite) and not self.allow_nonfinite:
+            which = ", ".join(f"{e.model} ({n})" for e, n in zip(recipe.models, info.nonfinite) if n)
+            raise NonFiniteError(f"tensor {op.name}: NaN/Inf in the delta of {which} (in the expert or in the base "
+                                 f"{recipe.base}); fix the model, or pass --allow-nonfinite to merge anyway "
+                                 f"(non-finite deltas count as 0)")
+        return self._assemble(op, inputs, result), info.as_record()
+
+
+def _scope_thresholds(recipe, readers, names, plan) -> dict:
+    """Model scope (DESIGN.md §4.2): one (τ_hi, τ_lo) pair per expert over every trimmed tensor together."""
+    if recipe.scope != "model":
+        return {}
+    pool = [n for n in names if not any(part in n for part in recipe.scope_exclude)]
+    base = readers[recipe.base]
+    per_expert = []
+    for entry in recipe.models:
+        expert = readers[entry.model]
+
+        def pairs(expert=expert):
+            for name in pool:
+                b, e = base.get(name), expert.get(name)
+                if e.shape != b.shape:
+                    e = e[: b.shape[0]]
+                yield b, e
+                base.release(name)
+                expert.release(name)
+
+        fractions = [entry.density] if entry.slack == 0 else [entry.density, min(1.0, entry.density + entry.slack)]
+        taus = topk_thresholds_multi(pairs, fractions)
+        per_expert.append((taus[0], taus[-1]))
+    return {name: per_expert for name in pool}
+
+
+def _auto_profiles(recipe, readers, names, progress) -> dict | None:
+    cfg = recipe.layer_swap
+    if cfg is None or "auto" not in (cfg.bottom, cfg.top):
+        return None
+    base = readers[recipe.base]
+    return {ref: layer_profile(expert_delta_stats(base, readers[ref], names)) for ref in (cfg.language, cfg.task)}
+
+
+def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_nonfinite=False, overwrite=False,
+              max_shard_bytes=DEFAULT_SHARD_BYTES, progress=True, source="recipe") -> MergeResult:
+    """Merge `models` ({reference in the recipe: model directory}) by `recipe` into `out_dir`."""
+    started = time.perf_counter()
+    missing = [ref for ref in recipe.references() if ref not in models]
+    if missing:
+        raise ConfigError(f"{source}: no model directory for {', '.join(map(repr, missing))}")
+    device = _pick_device(device or recipe.device)
+    readers = {ref: ModelReader(models[ref]) for ref in recipe.references()}
+    inputs = _Inputs(readers, device)
+    try:
+        compat = check_compatible(readers, extended_vocab=extended_label(readers))
+        dtypes = {ref: {n: r.spec(n).dtype for n in r.names} for ref, r in readers.items()}
+        profiles = _auto_profiles(recipe, readers, compat.names, progress)
+        plan = build_plan(recipe, compat, dtypes, profiles)
+        thresholds = _scope_thresholds(recipe, readers, compat.names, plan)
+        identity = {ref: [file_identity(f) for f in sorted(r.files)] for ref, r in readers.items()}
+        resume_key = fingerprint({"recipe": to_dict(recipe), "inputs": identity, "allow_nonfinite": allow_nonfinite,
+                                  "version": __version__}, length=32)
+        writer = ShardedWriter(out_dir, [(op.name, op.shape, op.dtype) for op in plan.ops],
+                               max_shard_bytes=max_shard_bytes, source_dir=models[plan.config_source],
+                               resume_key=resume_key, overwrite=overwrite)
+        ops = {op.name: op for op in plan.ops}
+        pending = [ops[name] for name in writer.pending()]
+        executor = _Executor(plan, thresholds, allow_nonfinite, recipe.seed)
+        _stream(pending, inputs, executor, writer, recipe, progress)
+        elapsed = time.perf_counter() - started
+        report = build_report(recipe, models, readers, plan, compat, writer.records(), thresholds,
+                              profiles, elapsed, device)
+        writer.extra_files.update({"merge_report.json": _json(report), "README.md": render_card(report)})
+        if recipe.dtype != "auto":
+            writer.extra_files["config.json"] = _config_with_dtype(models[plan.config_source], recipe.dtype)
+        out = writer.finalize()
+        return MergeResult(out_dir=out, report=report, seconds=time.perf_counter() - started)
+    finally:
+        inputs.close()
+        for reader in readers.values():
+            reader.close()
+
+
+def _stream(pending, inputs, executor, writer, recipe, progress):
+    from tqdm.auto import tqdm
+
+    total = sum(op.dtype.itemsize * _numel(op.shape) for op in pending)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}", disable=not progress,
+               leave=False)
+    try:
+        for i, op in enumerate(pending):
+            inputs.prefetch(pending[i + 1] if i + 1 < len(pending) else None)
+            tensors = inputs.take(op)
+            out, record = executor.compute(op, tensors)
+            writer.write(op.name, out.cpu() if out.device.type != "cpu" else out, record)
+            del tensors, out
+            inputs.release(op)
+            bar.update(op.dtype.itemsize * _numel(op.shape))
+            bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors")
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+def _config_with_dtype(source_dir, dtype: str) -> str:
+    import json
+
+    config = json.loads((Path(source_dir) / "config.json").read_text(encoding="utf-8"))
+    key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+    config[key] = dtype
+    return json.dumps(config, indent=2) + "\n"
