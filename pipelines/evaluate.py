@@ -259,20 +259,3 @@ def run_lm_eval(path: Path, tasks, batch_size: int) -> dict:
                                           "stderr": stderr if isinstance(stderr, (int, float)) else None}
     return records
 
-
-# ----- the stage the runner calls
-
-def evaluate_stage(run_dir, loaded, models: dict[str, Path], *, heldout_docs=None, log=print) -> dict:
-    """Evaluate `models` on the profile's tasks in a stage directory keyed by the inputs (skipped when done)."""
-    from workbench.pipelines.stage import stage_for
-
-    tasks = tasks_from_config(loaded, heldout_docs=heldout_docs)
-    stage = stage_for(run_dir, "evaluate", {
-        "eval": loaded.profile.eval, "prompt": loaded.language.prompt, "digits": loaded.language.digits,
-        "models": {name: str(path) for name, path in models.items()},
-        "heldout": fingerprint(list(heldout_docs or ())), "version": 1})
-    if stage.done:
-        return json.loads((stage.path / "results.json").read_text(encoding="utf-8"))
-    table = evaluate_models(models, tasks=tasks, out_dir=stage.start(), settings=loaded.profile.eval, log=log)
-    stage.finish({"table_json": "results.json", "table_md": "results.md", "plot": "results.png"})
-    return table
