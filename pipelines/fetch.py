@@ -12,6 +12,7 @@ safetensors weights, config and tokenizer files; the sha256 of each weight file 
   of bf16 (540 MB for SmolLM2-135M).
 """
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -87,8 +88,6 @@ def weight_record(folder: Path) -> dict:
 
 def update_manifest(run_dir, **sections) -> dict:
     """Merge `sections` (dicts) into `run_dir/fetch.json` and return the whole manifest."""
-    import json
-
     path = Path(run_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
