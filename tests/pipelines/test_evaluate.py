@@ -1,0 +1,154 @@
+"""Evaluation end to end on tiny real Llamas: `workbench eval` writes the table, JSONL and chart; perplexity
+equals a direct computation; generation pads on the left and stops at the stop rule; lm-eval is optional."""
+import json
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workbench.config.language import EvalConfig
+from workbench.config.loader import load_language
+from workbench.evaluation.generation import generate
+from workbench.evaluation.perplexity import perplexity, windows
+from workbench.pipelines import evaluate as evaluate_module
+from workbench.pipelines.evaluate import PerplexitySet, TaskSet, evaluate_models, generated_task, tasks_from_config
+
+
+@pytest.fixture
+def heldout_docs(shared_data, tiny_tokenizer):
+    """Real Swahili paragraphs short enough for one forward pass of the tiny model (context 256)."""
+    lines = (shared_data / "corpus" / "sw.txt").read_text(encoding="utf-8").splitlines()[600:]
+    docs = [line for line in lines if 20 < len(tiny_tokenizer(line)["input_ids"]) < 200][:6]
+    assert len(docs) == 6
+    return docs
+
+
+def direct_perplexity(model_dir, docs) -> float:
+    """exp(token-weighted mean NLL), one plain forward pass per document."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for doc in docs:
+            ids = torch.tensor([tokenizer(doc)["input_ids"]])
+            logits = model(ids).logits[0, :-1]
+            total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+def test_workbench_eval_end_to_end(tiny_llama_factory, shared_data, heldout_docs, tmp_path):
+    base_dir, _ = tiny_llama_factory("base", seed=0)
+    tied_dir, _ = tiny_llama_factory("tied", seed=3, tie=True)
+    (tmp_path / "heldout.txt").write_text("\n".join(heldout_docs) + "\n", encoding="utf-8")
+    out_dir = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "workbench", "eval", str(base_dir), f"tied model={tied_dir}", "--out", str(out_dir),
+           "--lang", "sw", "--mgsm", str(shared_data / "mgsm" / "mgsm_sw.tsv"), "--samples", "6",
+           "--heldout", str(tmp_path / "heldout.txt"), "--generated", "3", "--max-new-tokens", "8",
+           "--batch-size", "4", "--lm-eval", "belebele_swh_Latn"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+
+    table = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    assert list(table["columns"]) == ["mgsm_sw", "generated_sw", "generated_en", "perplexity_sw"]
+    assert list(table["rows"]) == ["base", "tied model"]
+    for model in ("base", "tied model"):
+        mgsm = table["rows"][model]["mgsm_sw"]
+        assert mgsm["n"] == 6 and 0 <= mgsm["low"] <= mgsm["accuracy"] <= mgsm["high"] <= 1
+    md = (out_dir / "results.md").read_text(encoding="utf-8")
+    assert "| base |" in md and "| tied model |" in md and "lm-eval is not installed" in md
+    assert "lm-eval is not installed" in table["notes"][0]
+    assert (out_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    records = [json.loads(line) for line in (out_dir / "tied_model" / "mgsm_sw.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    assert {"prompt", "output", "extracted", "gold", "correct", "source"} <= set(records[0])
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") and "Swali: " in r["prompt"] for r in records)
+    assert all(r["source"].startswith("mgsm_sw.tsv:") for r in records)
+    generated = (out_dir / "base" / "generated_en.jsonl").read_text().splitlines()
+    assert len(generated) == 3 and "Question: " in json.loads(generated[0])["prompt"]
+
+    for model, path in (("base", base_dir), ("tied model", tied_dir)):
+        ppl = table["rows"][model]["perplexity_sw"]
+        assert math.isfinite(ppl["perplexity"]) and ppl["documents"] == 6
+        assert ppl["perplexity"] == pytest.approx(direct_perplexity(path, heldout_docs), rel=1e-5)
+
+
+def test_perplexity_windows_score_every_token_once(tiny_llama_factory, heldout_docs):
+    assert windows(list(range(10)), 4) == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    assert windows(list(range(11)), 4)[-1] == [9, 10] and windows([5], 4) == []
+    model_dir, _ = tiny_llama_factory("m", seed=0)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    result = perplexity(model, tokenizer, heldout_docs, max_length=16, batch_size=5)
+    assert result["tokens"] == sum(len(tokenizer(d)["input_ids"]) - 1 for d in heldout_docs)
+    total = 0.0
+    with torch.inference_mode():  # the same windows, one at a time
+        for doc in heldout_docs:
+            for w in windows(tokenizer(doc)["input_ids"], 16):
+                ids = torch.tensor([w])
+                total += F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum").item()
+    assert result["nll"] == pytest.approx(total / result["tokens"], rel=1e-5)
+
+
+def test_generation_pads_left_and_stops_at_the_stop_string(tiny_llama_factory):
+    model_dir, _ = tiny_llama_factory("m", seed=0)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["Swali: Juma ana maembe 3.", "Swali: Amina ana maembe 12 na ananunua maembe 4 zaidi. Sasa ana?",
+               "Question: Tom has 2 books and buys 5 more. How many books does Tom have now?"]
+    alone = [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    assert generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == alone
+    # Stop at a piece of what the model writes anyway: the output ends right before it.
+    full = alone[1]
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip() and full.index(stop) > 0
+    cut = generate(model, tokenizer, [prompts[1]], max_new_tokens=12, stop_strings=[stop])[0]
+    assert cut == full[:full.index(stop)].strip()
+
+
+def test_tasks_from_the_profile_and_its_fast_variant(heldout_docs):
+    full = tasks_from_config(load_language("sw"), heldout_docs=heldout_docs)
+    assert [t.name for t in full] == ["mgsm_sw", "generated_sw", "generated_en", "perplexity_sw"]
+    mgsm, gen_sw, gen_en, ppl = full
+    assert len(mgsm.items) == 16 and mgsm.fmt.template.startswith("Swali: ")
+    assert len(gen_sw.items) == 24 and gen_en.fmt.template.startswith("Question: ")
+    assert [i.answer for i in gen_sw.items] == [i.answer for i in gen_en.items]  # parallel sets
+    assert len(ppl.docs) == 6
+    fast = tasks_from_config(load_language("sw", fast=True))
+    assert len(fast[0].items) == 4 and set(fast[0].items) <= set(mgsm.items)
+    assert load_language("bn").language.digits == tasks_from_config(load_language("bn"))[0].digits
+
+
+def test_finished_models_are_not_evaluated_again(tiny_llama_factory, tmp_path, monkeypatch):
+    model_dir, _ = tiny_llama_factory("m", seed=0)
+    tasks = [generated_task("sw", 2, 0), PerplexitySet("ppl", ("Juma ana maembe matatu.",))]
+    settings = EvalConfig(max_new_tokens=4)
+    first = evaluate_models({"m": model_dir}, tasks=tasks, out_dir=tmp_path, settings=settings, log=lambda *_: None)
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("evaluated again"))
+    lines = []
+    second = evaluate_models({"m": model_dir}, tasks=tasks, out_dir=tmp_path, settings=settings, log=lines.append)
+    assert second["rows"] == first["rows"] and "already evaluated" in lines[0]
+
+
+def test_lm_eval_results_join_the_table(tiny_llama_factory, tmp_path, monkeypatch):
+    calls = []
+
+    def simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        return {"results": {"belebele_swh_Latn": {"alias": "belebele_swh_Latn", "acc,none": 0.25,
+                                                  "acc_stderr,none": 0.02}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    monkeypatch.setattr(evaluate_module, "lm_eval_unavailable", lambda tasks: None)
+    model_dir, _ = tiny_llama_factory("m", seed=0)
+    table = evaluate_models({"m": model_dir}, tasks=[TaskSet("t", generated_task("en", 2, 0).items)],
+                            out_dir=tmp_path, settings=EvalConfig(max_new_tokens=4, lm_eval=["belebele_swh_Latn"]),
+                            log=lambda *_: None)
+    assert calls[0]["model"] == "hf" and calls[0]["model_args"] == f"pretrained={model_dir}"
+    record = table["rows"]["m"]["belebele_swh_Latn (acc,none)"]
+    assert record == {"kind": "lm_eval", "metric": "acc,none", "value": 0.25, "stderr": 0.02}
+    assert "0.2500 ± 0.0200" in (tmp_path / "results.md").read_text(encoding="utf-8")

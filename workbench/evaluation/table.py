@@ -1,0 +1,113 @@
+"""One table across models (Markdown and JSON) and a bar chart with the intervals.
+
+The table is `{"columns": {metric: {"kind", ...}}, "rows": {model: {metric: record}}}` where a record is
+- accuracy: {"kind": "accuracy", "accuracy", "low", "high" (Wilson 95%), "correct", "n", "no_answer"};
+- perplexity: {"kind": "perplexity", "perplexity", "nll", "tokens", "documents"};
+- lm_eval: {"kind": "lm_eval", "metric", "value", "stderr"} (lm-eval's own numbers).
+"""
+import math
+from pathlib import Path
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default); (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # Clamp: at p = 0 or 1 rounding can put the bound a hair past p.
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
+
+
+def accuracy_record(correct: int, n: int, no_answer: int = 0) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"kind": "accuracy", "accuracy": correct / n if n else float("nan"), "low": low, "high": high,
+            "correct": correct, "n": n, "no_answer": no_answer}
+
+
+def _cell(record: dict | None) -> str:
+    if record is None:
+        return "–"
+    kind = record["kind"]
+    if kind == "accuracy":
+        return (f"{100 * record['accuracy']:.1f} [{100 * record['low']:.1f}, {100 * record['high']:.1f}] "
+                f"({record['correct']}/{record['n']})")
+    if kind == "perplexity":
+        return f"{record['perplexity']:.2f}"
+    stderr = record.get("stderr")
+    return f"{record['value']:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+
+
+def markdown_table(table: dict) -> str:
+    """Models as rows, metrics as columns; accuracies in % with their Wilson 95% interval and counts."""
+    columns = list(table["columns"])
+    head = "| model | " + " | ".join(columns) + " |"
+    rule = "| --- | " + " | ".join("---" for _ in columns) + " |"
+    rows = [f"| {model} | " + " | ".join(_cell(metrics.get(c)) for c in columns) + " |"
+            for model, metrics in table["rows"].items()]
+    notes = []
+    kinds = {spec["kind"] for spec in table["columns"].values()}
+    if "accuracy" in kinds:
+        notes.append("Accuracy in %, [Wilson 95% interval], (correct/total).")
+    if "perplexity" in kinds:
+        notes.append("Perplexity: lower is better.")
+    if "lm_eval" in kinds:
+        notes.append("lm-eval tasks: value ± lm-eval's standard error.")
+    return "\n".join([head, rule, *rows, "", *notes]) + "\n"
+
+
+def plot_table(table: dict, path) -> Path:
+    """A bar chart PNG: accuracies (with Wilson intervals) and 0-1 lm-eval scores in one panel,
+    perplexities (values written on the bars) in another."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    models = list(table["rows"])
+    scored = [c for c, spec in table["columns"].items() if spec["kind"] in ("accuracy", "lm_eval")]
+    ppl = [c for c, spec in table["columns"].items() if spec["kind"] == "perplexity"]
+    panels = [p for p in (scored, ppl) if p]
+    fig = Figure(figsize=(max(6.0, 1.2 * len(models) * max(len(p) for p in panels) + 2), 4.2 * len(panels)),
+                 layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    width = 0.8 / max(1, len(models))
+    for ax, metrics in zip(axes, panels):
+        for j, model in enumerate(models):
+            xs, ys, errs = [], [], [[], []]
+            for i, metric in enumerate(metrics):
+                value, low, high = _bar(table["rows"][model].get(metric))
+                if value is None:
+                    continue
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(value)
+                errs[0].append(value - low)
+                errs[1].append(high - value)
+            bars = ax.bar(xs, ys, width=width * 0.95, yerr=None if metrics is ppl else errs, capsize=3,
+                          label=model)
+            if metrics is ppl:
+                ax.bar_label(bars, fmt="%.1f", fontsize="small")
+        ax.set_xticks(range(len(metrics)), metrics, rotation=15 if len(metrics) > 3 else 0)
+        if metrics is ppl:
+            ax.set_ylabel("perplexity (lower is better)")
+        else:
+            ax.set_ylabel("accuracy % (Wilson 95% interval)")
+            ax.set_ylim(0, 100)
+        ax.legend(fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _bar(record) -> tuple:
+    """(value, low, high) of a record on its panel's scale; Nones when absent."""
+    if record is None:
+        return None, None, None
+    if record["kind"] == "accuracy":
+        return 100 * record["accuracy"], 100 * record["low"], 100 * record["high"]
+    if record["kind"] == "perplexity":
+        v = record["perplexity"]
+        return (v, v, v) if math.isfinite(v) else (None, None, None)  # no interval: drawn without error bars
+    v, se = 100 * record["value"], 100 * (record.get("stderr") or 0.0)
+    return v, max(0.0, v - Z95 * se), min(100.0, v + Z95 * se)
