@@ -14,10 +14,10 @@ import os
 import pytest
 import torch
 
+from workbench.bench.kernels import FRACTIONS, benchmark_inputs, ties_sv_merge
 from workbench.kernels import delta_stats, keep_count, lerp_, ties_merge, topk_thresholds
 
 N = int(os.environ.get("WORKBENCH_BENCH_N", 50_000_000))
-FRACTIONS = [0.2, 0.3]                       # density k and k + s: the two thresholds of TIES-SV
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +28,9 @@ def cpu_path(monkeypatch):
 
 @functools.cache
 def tensors():
-    """(base, expert_1, expert_2, |δ_1| materialized), built once, only when a benchmark runs."""
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(N, generator=gen).to(torch.bfloat16)
-    experts = [(base.float() + torch.randn(N, generator=gen) * s).to(torch.bfloat16) for s in (0.01, 0.02)]
+    """(base, expert_1, expert_2, |δ_1| materialized), built once, only when a benchmark runs; the inputs of
+    `workbench bench kernels`."""
+    base, experts = benchmark_inputs(N, torch.bfloat16)
     absdelta = (experts[0].float() - base.float()).abs()
     return base, experts[0], experts[1], absdelta
 
@@ -71,16 +70,10 @@ def test_threshold_baseline_argsort(benchmark):
     run(benchmark, lambda: absdelta[torch.argsort(absdelta, descending=True)[[k - 1 for k in ranks()]]], rounds=1)
 
 
-def ties_sv(base, experts, out):
-    """The whole TIES-SV merge of one tensor: both experts' thresholds (k = 0.2, s = 0.1), then the merge."""
-    taus = [topk_thresholds(base, e, FRACTIONS) for e in experts]
-    return ties_merge(base, experts, tau_hi=[t[0] for t in taus], tau_lo=[t[1] for t in taus], out=out)
-
-
 def test_ties_sv_merge_with_thresholds(benchmark):
     base, e1, e2, _ = tensors()
     out = torch.empty_like(base)
-    _, counts = run(benchmark, lambda: ties_sv(base, [e1, e2], out), rounds=3)
+    _, counts = run(benchmark, lambda: ties_sv_merge(base, [e1, e2], out), rounds=3)
     assert sum(counts.slack_admitted) > 0
 
 

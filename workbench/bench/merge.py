@@ -2,6 +2,7 @@
 when it is installed, by mergekit, each as its own process (wall time, peak RSS, ratios).
 
 Both tools read the same bf16 safetensors from a warm page cache and write bf16 output.
+`workbench bench merge` calls `run_merge_benchmark`.
 """
 import json
 import shutil
@@ -13,12 +14,14 @@ import torch
 
 from workbench.bench.processes import run_measured, warm_page_cache
 from workbench.checkpoint import ShardedWriter
+from workbench.errors import ConfigError
 
 SIZES = {
     # hidden, intermediate, layers, vocab: the merge issue's ~270M model, and a small one for a quick run.
     "270m": dict(hidden=1024, intermediate=2816, layers=16, vocab=32000, heads=16),
     "tiny": dict(hidden=256, intermediate=704, layers=4, vocab=4000, heads=4),
 }
+CASE_NAMES = ("ties", "ties_sv", "task_arithmetic", "layer_swap")  # the cases `cases` builds, in order
 
 
 def llama_tensors(hidden, intermediate, layers, vocab, heads):
@@ -103,7 +106,14 @@ def cases(models: dict, layers: int) -> list:
     ]
 
 
-def mergekit_command():
+def mergekit_command(given: str | None = None):
+    """The mergekit-yaml to run: `given` (a path or a command name), else on PATH or beside this Python."""
+    if given is not None:
+        exe = shutil.which(str(Path(given).expanduser()))
+        if exe is None:
+            raise ConfigError(f"mergekit {given!r}: not an executable file (expected the path of a "
+                              f"mergekit-yaml command, e.g. ~/mergekit-venv/bin/mergekit-yaml)")
+        return exe
     exe = shutil.which("mergekit-yaml")
     if exe is None:
         candidate = Path(sys.executable).with_name("mergekit-yaml")
@@ -112,15 +122,21 @@ def mergekit_command():
 
 
 def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, progress=print) -> dict:
-    """Run every case with both tools; returns {case: {tool: {seconds, peak_rss_gb}, ratios}}."""
+    """Run every case with both tools; returns {case: {tool: {seconds, peak_rss_gb}, ratios}}.
+
+    mergekit: True finds `mergekit-yaml` (skipped when absent), False times workbench only, a path runs
+    that executable (e.g. one installed in another virtual environment).
+    """
     import yaml
 
+    mk = mergekit_command(None if isinstance(mergekit, bool) else mergekit) if mergekit else None
+    work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     models = ensure_models(work / "models", size)
     files = [f for m in models.values() for f in m.glob("*.safetensors")]
-    mk = mergekit_command() if mergekit else None
     results = {"size": size, "parameters": sum(_numel(s) for _, s in llama_tensors(**SIZES[size])),
-               "mergekit": mk is not None, "cases": {}}
+               "mergekit": mk is not None, "mergekit_command": mk, "mergekit_requested": bool(mergekit),
+               "cases": {}}
     for case in cases(models, SIZES[size]["layers"]):
         if only and case.name not in only:
             continue
@@ -156,8 +172,11 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, pr
 
 
 def format_table(results: dict) -> str:
-    lines = [f"merge benchmark: {results['parameters'] / 1e6:.0f}M-parameter bf16 Llama, two experts "
-             f"(mergekit {'installed' if results['mergekit'] else 'not installed'})",
+    if results["mergekit"]:
+        tool = f"mergekit: {results.get('mergekit_command') or 'installed'}"
+    else:
+        tool = "mergekit not run" if not results.get("mergekit_requested", True) else "mergekit not installed"
+    lines = [f"merge benchmark: {results['parameters'] / 1e6:.0f}M-parameter bf16 Llama, two experts ({tool})",
              f"{'case':<16} {'workbench s':>11} {'RSS GB':>7} {'mergekit s':>10} {'RSS GB':>7} {'time x':>7} "
              f"{'RSS x':>6}"]
     for name, row in results["cases"].items():

@@ -1,9 +1,4 @@
 """Arguments shared by the config-driven commands (--lang, --profile, --set)."""
-from workbench.errors import WorkbenchError
-
-
-class NotBuiltError(WorkbenchError):
-    """A subcommand whose implementation has not landed yet."""
 
 
 def add_config_arguments(parser, *, required=True):

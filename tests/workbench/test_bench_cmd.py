@@ -1,0 +1,109 @@
+"""`workbench bench kernels|merge|pretrain`: real, small runs through the CLI entry point."""
+import json
+
+import pytest
+import torch
+
+from workbench.cli import main
+
+KERNELS = ("delta_stats", "thresholds", "ties_merge", "ties_sv_merge", "lerp_")
+THRESHOLD_ALTERNATIVES = ("kthvalue", "topk", "argsort")
+
+
+@pytest.fixture
+def default_dispatch(monkeypatch):
+    """The dispatcher as a user gets it (no forced backend, no Triton interpreter)."""
+    monkeypatch.delenv("WORKBENCH_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def test_kernels_table_and_json(tmp_path, capsys, default_dispatch):
+    out = tmp_path / "sub" / "kernels.json"
+    assert main(["bench", "kernels", "--sizes", "4099", "--repeats", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = {tuple(line.split()[1:3]) for line in table.splitlines() if line.strip().startswith("4,099")}
+    expected = {(k, "fused") for k in KERNELS} | {(k, "reference") for k in KERNELS}
+    expected |= {("thresholds", alt) for alt in THRESHOLD_ALTERNATIVES}
+    assert rows == expected, table
+    assert "DIFFERS" not in table and table.count("= kthvalue") == 5
+
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["sizes"] == [4099] and results["dtype"] == "bf16" and results["device"] == "cpu"
+    assert results["torch"] == torch.__version__ and results["threads"] >= 1
+    assert len(results["loadavg_before"]) == 3 and len(results["loadavg_after"]) == 3
+    assert {(e["kernel"], e["implementation"]) for e in results["entries"]} == expected
+    for e in results["entries"]:
+        assert e["median_s"] >= 0 and e["min_s"] <= e["median_s"] <= e["max_s"], e
+        assert e["bytes"] > 0 and e["gb_per_s"] > 0, e
+    by = {(e["kernel"], e["implementation"]): e for e in results["entries"]}
+    assert by["thresholds", "fused"]["bytes"] == 2 * 2 * 4099 * 2       # 2 passes over base + expert, bf16
+    assert by["ties_merge", "fused"]["bytes"] == 4 * 4099 * 2           # reads base + 2 experts, writes 1
+    fused = by["thresholds", "fused"]
+    assert fused["backend"] == "cpu" and fused["vs_fused"] == 1.0
+    assert fused["equals_kthvalue"] and fused["thresholds"] == by["thresholds", "kthvalue"]["thresholds"]
+    assert len(fused["thresholds"]) == 2 and fused["thresholds"][0] > fused["thresholds"][1] > 0
+
+
+def _one_line_error(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert needle in err, err
+
+
+def test_kernels_bad_size_is_one_line(capsys):
+    _one_line_error(capsys, ["bench", "kernels", "--sizes", "1M", "12Q"],
+                    "workbench bench: error: --sizes '12Q': expected a positive element count such as 4099, 4K, "
+                    "1M or 50M")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_kernels_cuda_without_cuda_is_one_line(capsys):
+    _one_line_error(capsys, ["bench", "kernels", "--device", "cuda", "--sizes", "4K"],
+                    "--device cuda: CUDA is not available")
+
+
+def test_merge_unknown_case_is_one_line(capsys, tmp_path):
+    _one_line_error(capsys, ["bench", "merge", "--size", "tiny", "--only", "ties,nope", "--work", str(tmp_path)],
+                    "--only 'ties,nope': unknown case nope; expected a comma-separated list of ties, ties_sv, "
+                    "task_arithmetic, layer_swap")
+    _one_line_error(capsys, ["bench", "merge", "--mergekit", str(tmp_path / "no-such-mergekit-yaml"),
+                             "--work", str(tmp_path)], "not an executable file")
+    assert not (tmp_path / "models").exists()  # nothing generated before the arguments are checked
+
+
+def test_merge_tiny_workbench_only(tmp_path, capsys):
+    out = tmp_path / "merge.json"
+    argv = ["bench", "merge", "--size", "tiny", "--no-mergekit", "--only", "task_arithmetic,ties",
+            "--work", str(tmp_path / "work"), "--json", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "mergekit not run" in table and "task_arithmetic" in table and "ties_sv" not in table
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["size"] == "tiny" and results["mergekit"] is False
+    assert set(results["cases"]) == {"task_arithmetic", "ties"}
+    for row in results["cases"].values():
+        assert row["workbench"]["seconds"] > 0 and row["workbench"]["peak_rss_gb"] > 0
+        assert "mergekit" not in row
+
+
+def test_pretrain_packed_vs_padded(tmp_path, capsys, tiny_llama_factory, shared_data):
+    model_dir, _ = tiny_llama_factory("base")
+    text = tmp_path / "sw.txt"
+    lines = (shared_data / "corpus" / "sw.txt").read_text(encoding="utf-8").splitlines()[:80]
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "pretrain.json"
+    argv = ["bench", "pretrain", "--model", str(model_dir), "--text", str(text), "--steps", "2",
+            "--batch-size", "2", "--block-size", "64", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "packed blocks" in printed and "padded baseline" in printed and "ratio" in printed
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["ratio"] > 0 and result["packed_tokens_per_second"] > 0
+    assert result["steps"] == 2 and result["batch_size"] == 2 and result["block_size"] == 64
+    assert result["documents"] == sum(1 for line in lines if len(line.strip()) >= 20)
+
+
+def test_pretrain_bad_values_are_one_line(capsys, tmp_path):
+    _one_line_error(capsys, ["bench", "pretrain", "--model", str(tmp_path), "--steps", "0"],
+                    "--steps 0: expected a positive integer")
