@@ -47,6 +47,16 @@ def test_auto_blocks_take_the_largest_winning_runs_at_each_end():
     assert plan.alphas == (1, 1, 0.5, 0, 0, 0, 0, 0)
 
 
+def test_auto_that_finds_nothing_falls_back_to_the_defaults_and_says_so():
+    lang, task = [1.0] * 30, [1.1] * 30  # the task expert changed every layer more
+    assert auto_blocks(lang, task) == (0, 0)
+    plan = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top="auto"), 30, lang, task)
+    assert (plan.bottom, plan.top) == (5, 2) and plan.chosen_by == {"bottom": "default", "top": "default"}
+    assert "auto found no layer at either end" in plan.notes[0]
+    one_end = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top=1), 30, lang, task)
+    assert (one_end.bottom, one_end.top) == (0, 1) and not one_end.notes  # one block asked for: kept as asked
+
+
 def test_auto_blocks_are_capped_to_fit():
     lang, task = [2.0] * 6, [1.0] * 6  # the language expert wins everywhere
     plan = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top="auto"), 6, lang, task)

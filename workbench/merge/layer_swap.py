@@ -81,13 +81,20 @@ def plan_layer_swap(cfg, num_layers: int, rel_language=None, rel_task=None, wher
     chosen, notes = {}, []
     default_b, default_t = default_blocks(num_layers)
     auto_b = auto_t = None
-    if "auto" in (cfg.bottom, cfg.top):
+    given_b, given_t = cfg.bottom, cfg.top
+    if "auto" in (given_b, given_t):
         if rel_language is None or rel_task is None:
             raise ConfigError(f"{where}: 'auto' needs the delta heatmap of both experts against the base")
         auto_b, auto_t = auto_blocks(rel_language, rel_task)
+        if given_b == given_t == "auto" and auto_b == auto_t == 0:
+            # Swapping nothing would write the task expert back unchanged: not a merge anyone asked for.
+            notes.append("auto found no layer at either end where the language expert's relative change exceeds "
+                         "the task expert's (the experts changed every layer alike), so an automatic swap would "
+                         "copy the task expert unchanged; the default blocks are used instead")
+            given_b = given_t = None
     values = {}
-    for key, given, default, auto in (("bottom", cfg.bottom, default_b, auto_b),
-                                      ("top", cfg.top, default_t, auto_t)):
+    for key, given, default, auto in (("bottom", given_b, default_b, auto_b),
+                                      ("top", given_t, default_t, auto_t)):
         if given == "auto":
             values[key], chosen[key] = auto, "auto"
         elif given is None:
