@@ -132,7 +132,7 @@ def training_arguments(cfg, output_dir, *, evaluate: bool, count_tokens: str, fr
         prediction_loss_only=True, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
         seed=cfg.seed, data_seed=cfg.seed, include_num_input_tokens_seen=count_tokens, report_to="none",
         dataloader_num_workers=0, remove_unused_columns=False, ddp_find_unused_parameters=False,
-        log_level="warning", disable_tqdm=False)
+        log_level="warning", disable_tqdm=True)  # StepLog prints one line per logging step instead
 
 
 def last_checkpoint(folder) -> str | None:
@@ -165,6 +165,24 @@ def make_trainer_class():
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds += time.perf_counter() - self._t0
 
+    class StepLog(TrainerCallback):
+        """One line per logging step and evaluation (main process only), instead of nested progress bars."""
+
+        def __init__(self, label):
+            self.label, self._t0 = label, time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            parts = []
+            if "loss" in logs:
+                parts.append(f"loss {float(logs['loss']):.3f}")
+            if "eval_loss" in logs:
+                parts.append(f"held-out loss {logs['eval_loss']:.3f}, perplexity {logs['eval_perplexity']:.1f}")
+            if parts:
+                print(f"  {self.label} step {state.global_step}/{state.max_steps}: {', '.join(parts)} "
+                      f"({state.num_input_tokens_seen:,} tokens, {time.perf_counter() - self._t0:.0f} s)", flush=True)
+
     class ExpertTrainer(Trainer):
         """The Trainer, with held-out perplexity beside every evaluation loss it logs."""
 
@@ -173,7 +191,7 @@ def make_trainer_class():
                 logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             super().log(logs, start_time)
 
-    return ExpertTrainer, StepTimer
+    return ExpertTrainer, StepTimer, StepLog
 
 
 def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_dataset=None, collator,
@@ -188,10 +206,14 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = training_arguments(cfg, stage_dir / CHECKPOINTS, evaluate=eval_dataset is not None,
                               count_tokens=count_tokens, fresh=checkpoint is None)
-    trainer_cls, timer_cls = make_trainer_class()
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer_cls, timer_cls, log_cls = make_trainer_class()
     timer = timer_cls()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          data_collator=collator, processing_class=tokenizer, callbacks=[timer, *callbacks])
+                          data_collator=collator, processing_class=tokenizer,
+                          callbacks=[timer, log_cls(stage_dir.name), *callbacks])
+    trainer.remove_callback(PrinterCallback)  # its raw dicts: StepLog says the same in one line
     if checkpoint and is_main_process():
         print(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -52,6 +52,7 @@ def run(args):
         print("\n".join(graph.plan_lines()))
         return 0
     print(head)
+    _quiet_library_progress()
     started = time.perf_counter()
     forced = []
     if args.from_stage:
@@ -77,6 +78,16 @@ def run(args):
         print(f"report: {report['markdown']}")
     print(f"total time {_clock(time.perf_counter() - started)}")
     return 0
+
+
+def _quiet_library_progress():
+    """One progress display for the run: the stage lines and our own step lines, not the libraries' nested bars
+    (datasets' map and save bars, transformers' weight-loading and GGUF conversion bars)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def _statements(report_json):
