@@ -38,10 +38,26 @@ def window_nll(model, batch: list[list[int]]) -> tuple[float, int]:
     return nll.item(), int((labels != -100).sum())
 
 
-def perplexity(model, tokenizer, docs: list[str], *, max_length: int | None = None, batch_size: int = 8) -> dict:
+def token_batches(pieces: list[list[int]], batch_size: int, max_batch_tokens: int) -> list[list[list[int]]]:
+    """Consecutive batches of at most `batch_size` windows and `max_batch_tokens` padded tokens (a window
+    longer than the budget goes alone): the logits, vocabulary-wide per token, stay within a fixed size."""
+    batches, current = [], []
+    for piece in pieces:
+        width = max([len(piece)] + [len(p) for p in current])
+        if current and (len(current) == batch_size or (len(current) + 1) * width > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(piece)
+    return batches + ([current] if current else [])
+
+
+def perplexity(model, tokenizer, docs: list[str], *, max_length: int | None = None, batch_size: int = 8,
+               max_batch_tokens: int = 2048) -> dict:
     """{"perplexity", "nll" (mean per token), "tokens" (scored), "documents"} of `docs` under `model`.
 
-    `max_length` defaults to the model's context (`max_position_embeddings`), capped at 1024.
+    `max_length` defaults to the model's context (`max_position_embeddings`), capped at 1024. A batch holds
+    at most `batch_size` windows and `max_batch_tokens` padded tokens (with a 49K vocabulary, 2048 tokens
+    of fp32 logits are 0.4 GB).
     """
     limit = getattr(model.config, "max_position_embeddings", None) or 1024
     max_length = min(max_length or 1024, limit)
@@ -49,8 +65,8 @@ def perplexity(model, tokenizer, docs: list[str], *, max_length: int | None = No
               for w in windows(tokenizer(doc, add_special_tokens=True)["input_ids"], max_length)]
     pieces.sort(key=len)  # similar lengths per batch: less padding
     total, count = 0.0, 0
-    for start in range(0, len(pieces), batch_size):
-        nll, n = window_nll(model, pieces[start:start + batch_size])
+    for batch in token_batches(pieces, batch_size, max_batch_tokens):
+        nll, n = window_nll(model, batch)
         total += nll
         count += n
     if count == 0:
