@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from workbench.config.language import EvalConfig
 from workbench.config.loader import load_language
 from workbench.evaluation.generation import generate
-from workbench.evaluation.perplexity import perplexity, windows
+from workbench.evaluation.perplexity import perplexity, token_batches, windows
 from workbench.pipelines import evaluate as evaluate_module
 from workbench.pipelines.evaluate import PerplexitySet, TaskSet, evaluate_models, generated_task, tasks_from_config
 
@@ -93,6 +93,16 @@ def test_perplexity_windows_score_every_token_once(tiny_llama_factory, heldout_d
                 ids = torch.tensor([w])
                 total += F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum").item()
     assert result["nll"] == pytest.approx(total / result["tokens"], rel=1e-5)
+    budget = perplexity(model, tokenizer, heldout_docs, max_length=16, batch_size=5, max_batch_tokens=40)
+    assert budget["tokens"] == result["tokens"] and budget["nll"] == pytest.approx(result["nll"], rel=1e-5)
+
+
+def test_perplexity_batches_keep_to_the_token_budget():
+    pieces = [[0] * n for n in (3, 3, 4, 5, 9, 20, 30)]
+    batches = token_batches(pieces, batch_size=3, max_batch_tokens=12)
+    assert [[len(p) for p in b] for b in batches] == [[3, 3, 4], [5], [9], [20], [30]]
+    assert all(len(b) * max(map(len, b)) <= 12 or len(b) == 1 for b in batches)
+    assert [p for b in batches for p in b] == pieces  # every window once, in order
 
 
 def test_generation_pads_left_and_stops_at_the_stop_string(tiny_llama_factory):
@@ -114,12 +124,12 @@ def test_tasks_from_the_profile_and_its_fast_variant(heldout_docs):
     full = tasks_from_config(load_language("sw"), heldout_docs=heldout_docs)
     assert [t.name for t in full] == ["mgsm_sw", "generated_sw", "generated_en", "perplexity_sw"]
     mgsm, gen_sw, gen_en, ppl = full
-    assert len(mgsm.items) == 16 and mgsm.fmt.template.startswith("Swali: ")
-    assert len(gen_sw.items) == 24 and gen_en.fmt.template.startswith("Question: ")
+    assert len(mgsm.items) == 12 and mgsm.fmt.template.startswith("Swali: ")
+    assert len(gen_sw.items) == 20 and gen_en.fmt.template.startswith("Question: ")
     assert [i.answer for i in gen_sw.items] == [i.answer for i in gen_en.items]  # parallel sets
     assert len(ppl.docs) == 6
     fast = tasks_from_config(load_language("sw", fast=True))
-    assert len(fast[0].items) == 4 and set(fast[0].items) <= set(mgsm.items)
+    assert len(fast[0].items) == 2 and set(fast[0].items) <= set(mgsm.items)
     assert load_language("bn").language.digits == tasks_from_config(load_language("bn"))[0].digits
 
 
