@@ -48,7 +48,7 @@ def test_auto_blocks_take_the_largest_winning_runs_at_each_end():
 
 
 def test_auto_that_finds_nothing_falls_back_to_the_defaults_and_says_so():
-    lang, task = [1.0] * 30, [1.1] * 30  # the task expert changed every layer more
+    lang, task = [1.0] * 30, [2.0] + [1.0] * 28 + [2.0]  # the task expert, not the language one, peaks at the ends
     assert auto_blocks(lang, task) == (0, 0)
     plan = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top="auto"), 30, lang, task)
     assert (plan.bottom, plan.top) == (5, 2) and plan.chosen_by == {"bottom": "default", "top": "default"}
@@ -57,8 +57,17 @@ def test_auto_that_finds_nothing_falls_back_to_the_defaults_and_says_so():
     assert (one_end.bottom, one_end.top) == (0, 1) and not one_end.notes  # one block asked for: kept as asked
 
 
+def test_auto_compares_each_experts_profile_to_its_own_mean():
+    # The language expert was trained harder: larger everywhere, but above its own mean only at the ends.
+    lang = [9.0, 8.0, 4.0, 4.0, 4.0, 4.0, 8.0, 9.0]
+    task = [1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
+    assert auto_blocks(lang, task) == (2, 2)
+    assert auto_blocks([x * 100 for x in lang], task) == auto_blocks(lang, task)  # scale does not matter
+    assert auto_blocks([0.0] * 8, task) == (0, 0)
+
+
 def test_auto_blocks_are_capped_to_fit():
-    lang, task = [2.0] * 6, [1.0] * 6  # the language expert wins everywhere
+    lang, task = [3.0, 3.0, 3.0, 1.0, 3.0, 3.0], [1.0, 1.0, 1.0, 3.0, 1.0, 1.0]  # wins: bottom 3, top 2
     plan = plan_layer_swap(LayerSwap(task="math", language="language", bottom="auto", top="auto"), 6, lang, task)
     assert (plan.bottom, plan.top) == (2, 2) and plan.alphas == (1, 1, 0.5, 0.5, 1, 1)
     assert any("capped" in n for n in plan.notes)

@@ -27,8 +27,22 @@ def default_blocks(num_layers: int) -> tuple[int, int]:
 
 
 def auto_blocks(rel_language, rel_task) -> tuple[int, int]:
-    """The largest blocks at each end where the language expert's relative change exceeds the task expert's."""
-    wins = [lang > task for lang, task in zip(rel_language, rel_task)]
+    """The largest blocks at each end where the language expert's relative change exceeds the task expert's,
+    each expert's per-layer profile taken relative to its own mean over the layers.
+
+    Why the profiles are normalized: the raw magnitudes measure how long and how hard each expert was
+    trained, not where it changed the model. Measured on the micro profile (SmolLM2, LoRA CT of 20 steps,
+    LoRA SFT of 16): the language expert's ‖δ‖/‖θ_b‖ exceeded the task expert's in all 30 layers, so the
+    raw rule swapped every layer it could (the "merge" was the language expert); with fewer CT steps it
+    swapped none. The normalized rule asks which layers each expert changed more than its own average, the
+    pattern the Layer Swapping paper reads off its heatmaps, and equals the raw rule when both experts moved
+    the model by the same total amount.
+    """
+    mean_language = sum(rel_language) / len(rel_language) if len(rel_language) else 0.0
+    mean_task = sum(rel_task) / len(rel_task) if len(rel_task) else 0.0
+    if mean_language <= 0 or mean_task <= 0:
+        return 0, 0  # an expert that changed nothing has no profile to compare
+    wins = [lang / mean_language > task / mean_task for lang, task in zip(rel_language, rel_task)]
     bottom = next((i for i, w in enumerate(wins) if not w), len(wins))
     top = next((i for i, w in enumerate(reversed(wins)) if not w), len(wins))
     return bottom, top
@@ -88,9 +102,9 @@ def plan_layer_swap(cfg, num_layers: int, rel_language=None, rel_task=None, wher
         auto_b, auto_t = auto_blocks(rel_language, rel_task)
         if given_b == given_t == "auto" and auto_b == auto_t == 0:
             # Swapping nothing would write the task expert back unchanged: not a merge anyone asked for.
-            notes.append("auto found no layer at either end where the language expert's relative change exceeds "
-                         "the task expert's (the experts changed every layer alike), so an automatic swap would "
-                         "copy the task expert unchanged; the default blocks are used instead")
+            notes.append("auto found no layer at either end where the language expert's relative change (to its "
+                         "own mean over the layers) exceeds the task expert's, so an automatic swap would copy "
+                         "the task expert unchanged; the default blocks are used instead")
             given_b = given_t = None
     values = {}
     for key, given, default, auto in (("bottom", given_b, default_b, auto_b),
