@@ -125,8 +125,8 @@ def _add_ct_stages(graph, loaded, work, source_inputs):
     p = profile.language_expert.pretrain
     graph.add(StageSpec("language_expert", {"pretrain": to_dict(p), "v": VERSION}, pretrain,
                         deps=("tokenizer", "blocks"),
-                        describe=f"continual pretraining ({p.method}, {p.max_steps} steps of {p.batch_size} "
-                                 f"x {profile.corpus.block_size} tokens)"))
+                        describe=f"continual pretraining ({p.method}, {p.max_steps} steps of "
+                                 f"{p.batch_size * p.grad_accum} x {profile.corpus.block_size} tokens)"))
 
 
 def _add_other_language_expert(graph, loaded, work):
