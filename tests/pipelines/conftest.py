@@ -19,7 +19,8 @@ def sw_config():
     profile unless they start with `sources.`), sized for tiny models."""
     from workbench.config.loader import load_language
 
-    small = ["corpus.block_size=64", "language_expert.pretrain.batch_size=4", "language_expert.pretrain.logging_steps=2"]
+    small = ["corpus.block_size=64", "language_expert.pretrain.batch_size=4", "language_expert.pretrain.grad_accum=1",
+             "language_expert.pretrain.logging_steps=2"]
 
     def load(*overrides):
         return load_language("sw", profile="micro", overrides=[*small, *overrides])

@@ -22,7 +22,8 @@ def test_two_cpu_processes_train_and_save_once(tmp_path, tiny_llama_factory):
     run_dir.mkdir()
     steps, batch, block = 10, 4, 64
     overrides = ["corpus.block_size=64", "corpus.max_tokens=8000", f"{CT}.max_steps={steps}",
-                 f"{CT}.batch_size={batch}", f"{CT}.save_steps=5", f"{CT}.eval_steps=10", f"{CT}.logging_steps=2",
+                 f"{CT}.batch_size={batch}", f"{CT}.grad_accum=1", f"{CT}.save_steps=5", f"{CT}.eval_steps=10",
+                 f"{CT}.logging_steps=2",
                  f"{CT}.learning_rate=0.01", f"{CT}.lora.rank=8", f"{CT}.lora.train_embeddings=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}  # no user config is read
