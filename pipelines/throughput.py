@@ -27,6 +27,7 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
     """The baseline: every document (+ EOS) its own row, cut or padded to `block_size`, a plain Trainer."""
     import datasets
     from transformers import Trainer, default_data_collator, set_seed
+    from transformers.trainer_callback import PrinterCallback
 
     from workbench.pipelines.training import load_model, make_trainer_class, training_arguments
 
@@ -41,9 +42,11 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
     set_seed(cfg.seed)
     model = load_model(model_dir, cfg)
     args = training_arguments(cfg, work_dir / "padded", evaluate=False, count_tokens="non_padding", fresh=True)
-    timer = make_trainer_class()[1]()
+    _, timer_cls, log_cls = make_trainer_class()
+    timer = timer_cls()
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows).with_format("torch"),
-                      data_collator=default_data_collator, callbacks=[timer])
+                      data_collator=default_data_collator, callbacks=[timer, log_cls("padded")])
+    trainer.remove_callback(PrinterCallback)  # the same one-line log as the packed side
     trainer.train()
     return timer.tokens / timer.seconds
 
