@@ -271,7 +271,7 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
             del tensors, out
             inputs.release(op)
             bar.update(op.dtype.itemsize * _numel(op.shape))
-            bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors")
+            bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors", refresh=False)  # redrawn at tqdm's own pace
     finally:
         bar.close()
         writer.close()
