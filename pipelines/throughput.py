@@ -27,9 +27,8 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
     """The baseline: every document (+ EOS) its own row, cut or padded to `block_size`, a plain Trainer."""
     import datasets
     from transformers import Trainer, default_data_collator, set_seed
-    from transformers.trainer_callback import PrinterCallback
 
-    from workbench.pipelines.training import load_model, make_trainer_class, training_arguments
+    from workbench.pipelines.training import load_model, make_trainer_class, training_arguments, use_step_log
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -42,11 +41,10 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
     set_seed(cfg.seed)
     model = load_model(model_dir, cfg)
     args = training_arguments(cfg, work_dir / "padded", evaluate=False, count_tokens="non_padding", fresh=True)
-    _, timer_cls, log_cls = make_trainer_class()
-    timer = timer_cls()
+    timer = make_trainer_class()[1]()
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows).with_format("torch"),
-                      data_collator=default_data_collator, callbacks=[timer, log_cls("padded")])
-    trainer.remove_callback(PrinterCallback)  # the same one-line log as the packed side
+                      data_collator=default_data_collator, callbacks=[timer])
+    use_step_log(trainer, "padded")  # the same one-line log as the packed side
     trainer.train()
     return timer.tokens / timer.seconds
 

@@ -194,6 +194,15 @@ def make_trainer_class():
     return ExpertTrainer, StepTimer, StepLog
 
 
+def use_step_log(trainer, label: str) -> None:
+    """Log one line per logging step (StepLog) instead of the Trainer's raw dicts (PrinterCallback, what it
+    prints with its progress bars off)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(make_trainer_class()[2](label))
+
+
 def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_dataset=None, collator,
                    count_tokens="all", callbacks=()) -> dict:
     """Train `model_dir` per `cfg` in `stage_dir` (resuming), write `stage_dir/model`; returns the summary."""
@@ -206,14 +215,11 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = training_arguments(cfg, stage_dir / CHECKPOINTS, evaluate=eval_dataset is not None,
                               count_tokens=count_tokens, fresh=checkpoint is None)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer_cls, timer_cls, log_cls = make_trainer_class()
+    trainer_cls, timer_cls, _ = make_trainer_class()
     timer = timer_cls()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          data_collator=collator, processing_class=tokenizer,
-                          callbacks=[timer, log_cls(stage_dir.name), *callbacks])
-    trainer.remove_callback(PrinterCallback)  # its raw dicts: StepLog says the same in one line
+                          data_collator=collator, processing_class=tokenizer, callbacks=[timer, *callbacks])
+    use_step_log(trainer, stage_dir.name)
     if checkpoint and is_main_process():
         print(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)

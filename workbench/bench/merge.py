@@ -21,7 +21,6 @@ SIZES = {
     "270m": dict(hidden=1024, intermediate=2816, layers=16, vocab=32000, heads=16),
     "tiny": dict(hidden=256, intermediate=704, layers=4, vocab=4000, heads=4),
 }
-CASE_NAMES = ("ties", "ties_sv", "task_arithmetic", "layer_swap")  # the cases `cases` builds, in order
 
 
 def llama_tensors(hidden, intermediate, layers, vocab, heads):
@@ -104,6 +103,10 @@ def cases(models: dict, layers: int) -> list:
         Case("layer_swap", {"method": "layer_swap", "base": base, "layer_swap": {
             "task": b, "language": a, "bottom": bottom, "top": top, "transition": 1}}, swap_mk),
     ]
+
+
+# The cases `cases` builds, in order (the paths do not matter for their names).
+CASE_NAMES = tuple(c.name for c in cases({"base": "", "expert_a": "", "expert_b": ""}, layers=4))
 
 
 def mergekit_command(given: str | None = None):

@@ -182,13 +182,14 @@ def _pretrain_texts(path: str | None, *, min_chars=20, limit=600) -> list:
     """Documents of at least `min_chars` characters, one a line, the first `limit` of them."""
     from workbench.config.loader import shipped_languages_dir
     from workbench.errors import DataError
+    from workbench.pipelines.corpus import clean_text
 
     file = Path(path) if path else shipped_languages_dir() / "corpora" / "sw.txt"
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise DataError(f"{file}: cannot read the text: {e.strerror or e}") from None
-    docs = [line.strip() for line in lines if len(line.strip()) >= min_chars]
+    docs = [doc for doc in map(clean_text, lines) if len(doc) >= min_chars]  # as the corpus stage cleans text
     if not docs:
         raise DataError(f"{file}: no documents of {min_chars} characters or more (expected one a line)")
     return docs[:limit]

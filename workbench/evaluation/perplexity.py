@@ -41,13 +41,14 @@ def window_nll(model, batch: list[list[int]]) -> tuple[float, int]:
 def token_batches(pieces: list[list[int]], batch_size: int, max_batch_tokens: int) -> list[list[list[int]]]:
     """Consecutive batches of at most `batch_size` windows and `max_batch_tokens` padded tokens (a window
     longer than the budget goes alone): the logits, vocabulary-wide per token, stay within a fixed size."""
-    batches, current = [], []
+    batches, current, width = [], [], 0
     for piece in pieces:
-        width = max([len(piece)] + [len(p) for p in current])
-        if current and (len(current) == batch_size or (len(current) + 1) * width > max_batch_tokens):
+        wider = max(width, len(piece))
+        if current and (len(current) == batch_size or (len(current) + 1) * wider > max_batch_tokens):
             batches.append(current)
-            current = []
+            current, wider = [], len(piece)
         current.append(piece)
+        width = wider
     return batches + ([current] if current else [])
 
 
