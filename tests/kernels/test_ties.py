@@ -85,6 +85,45 @@ def test_large_tensor_on_cpu_path(cpu_backend, make, dtype):
     assert got_counts == want_counts
 
 
+FAST_PATH_CASES = {
+    "ties": dict(weights=[1.0, 1.0, 1.0], slacks=[0.0, 0.0, 0.0]),
+    "ties-sv-weighted": dict(weights=[0.5, 1.0, 2.0], lam=0.9, slacks=[0.2, 0.0, 0.1]),
+    "ties-count": dict(consensus="count", slacks=[0.0, 0.3, 0.0]),
+    "ties-unnormalized": dict(normalize=False, weights=[1.0, 0.7, 1.3], slacks=[0.1, 0.0, 0.0]),
+    "ties-negative-weight": dict(weights=[1.0, -0.5, 1.0], slacks=[0.0, 0.1, 0.0]),  # the general path
+    "task_arithmetic": dict(method="task_arithmetic", weights=[0.3, 1.0, 0.2], lam=1.1),
+}
+
+
+@pytest.mark.parametrize("case", list(FAST_PATH_CASES))
+def test_cpu_fast_paths_give_the_reference_bits_on_ties_zeros_and_nonfinite_pieces(cpu_backend, gen, dtype, case):
+    # The CPU path's bool-free fast pieces (ties_cpu.py) against the reference, bit for bit (signed zeros
+    # included): deltas from a few values give ties at τ, zero deltas, ±0 in base and experts, tied sign
+    # elections; a NaN and an Inf in two of the four pieces send those pieces down the general path.
+    n = 3 * (1 << 17) + 5
+    values = torch.tensor([0.0, -0.0, 0.25, -0.25, 0.5, -0.5, 1.0, -1.0, 0.125])
+
+    def pick():
+        return values[torch.randint(len(values), (n,), generator=gen)]
+
+    base = pick().to(dtype)
+    experts = []
+    for t in range(3):
+        same = torch.rand(n, generator=gen) < 0.3
+        experts.append(torch.where(same, base.float(), base.float() + pick()).to(dtype))
+    experts[0][(1 << 17) + 11] = float("nan")
+    experts[1][2 * (1 << 17) + 3] = float("inf")
+    kwargs = {k: v for k, v in FAST_PATH_CASES[case].items() if k != "slacks"}
+    if "slacks" in FAST_PATH_CASES[case]:
+        kwargs["tau_hi"], kwargs["tau_lo"] = thresholds(base, experts, [0.2, 0.3, 0.5],
+                                                        FAST_PATH_CASES[case]["slacks"])
+    got, got_counts = ties_merge(base, experts, **kwargs)
+    want, want_counts = ties_merge_reference(base, experts, **kwargs)
+    as_bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(as_bits), want.view(as_bits))
+    assert got_counts == want_counts and got_counts.nonfinite == [1, 1, 0]
+
+
 @pytest.mark.parametrize("consensus", ["sum", "count"])
 def test_ties_equals_the_paper_definition(backend, make, size, dtype, consensus):
     base, experts = family(make, size, dtype)

@@ -279,3 +279,29 @@ def test_records_survive_a_resume_and_resume_key_invalidates(tmp_path):
     other = ShardedWriter(out, plan, max_shard_bytes=512, resume_key="recipe-b")
     assert other.pending() == list(tensors) and other.records() == {}
     other.close()
+
+
+@pytest.mark.parametrize("dtypes", [("bf16",), ("bf16", "fp32"), ("fp32", "bf16", "empty")],
+                         ids=["file-order", "mixed-item-sizes", "with-empty"])
+def test_manifest_sha256_is_the_finished_shard_files_sha256(tmp_path, dtypes):
+    # The writer hashes bytes as it writes them in file order and reads back only what came out of that
+    # order (mixed item sizes are laid out by decreasing size): either way the digest is the file's.
+    import hashlib
+
+    kinds = {"bf16": ((33, 7), torch.bfloat16), "fp32": ((5, 3), torch.float32), "empty": ((0, 4), torch.float32)}
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    for i in range(7):
+        shape, dtype = kinds[dtypes[i % len(dtypes)]]
+        tensors[f"t{i}"] = torch.randn(shape, generator=gen).to(dtype)
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path / "out", plan, max_shard_bytes=600)
+    assert len(writer.shards) > 1
+    for name in writer.pending():
+        writer.write(name, tensors[name])
+    writer.close()
+    partial = tmp_path / "out.partial"
+    shards = json.loads((partial / ".manifest.json").read_text())["shards"]
+    assert len(shards) == len(writer.shards)
+    for fname, entry in shards.items():
+        assert entry["sha256"] == hashlib.sha256((partial / fname).read_bytes()).hexdigest(), fname

@@ -73,6 +73,7 @@ class ShardedWriter:
         self._pending = [name for name, _, _ in self.plan if self._shard_of[name].file not in self._finished]
         self._next = 0
         self._open = None  # (shard, file object, tensors written so far)
+        self._digest, self._hashed = None, 0  # the open shard's sha256 so far, and how many bytes it covers
         self._finalized = False
         for shard in self.shards:  # a plan whose shards are all empty has nothing to wait for
             if not shard.names and shard.file not in self._finished:
@@ -134,8 +135,13 @@ class ShardedWriter:
         _, f, _ = self._open
         data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         if data.numel():
-            f.seek(shard.offsets[name])
-            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+            offset = shard.offsets[name]
+            f.seek(offset)
+            f.write(view)
+            if offset == self._hashed:  # the file's next bytes: hash them now, not by reading them back
+                self._digest.update(view)
+                self._hashed += len(view)
         if record is not None:
             self._records.setdefault(shard.file, {})[name] = record
         self._open = (shard, f, self._open[2] + 1)
@@ -148,6 +154,10 @@ class ShardedWriter:
         self._records[shard.file] = {}  # a shard is rewritten from its start, records too
         f = open(self.partial_dir / (shard.file + ".tmp"), "wb")
         f.write(shard.header)
+        # The shard's sha256 is taken as its bytes are written in file order (tensors of one item size are
+        # laid out in plan order); whatever was written out of that order is read back at the end.
+        self._digest = hashlib.sha256(shard.header)
+        self._hashed = len(shard.header)
         self._open = (shard, f, 0)
 
     def _finish(self):
@@ -159,7 +169,7 @@ class ShardedWriter:
         f.close()
         self._open = None
         tmp = self.partial_dir / (shard.file + ".tmp")
-        digest = _sha256(tmp)
+        digest = _sha256(tmp, self._digest, self._hashed)
         os.replace(tmp, self.partial_dir / shard.file)
         self._finished[shard.file] = digest
         self._write_manifest(self._finished)
@@ -307,9 +317,11 @@ def _read_manifest(path: Path):
     return manifest
 
 
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
+def _sha256(path, digest=None, start=0) -> str:
+    """sha256 of the file; with `digest` holding its first `start` bytes already, only the rest is read."""
+    digest = digest if digest is not None else hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
