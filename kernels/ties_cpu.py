@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import chunks
+from . import chunks, cpu_native
 
 if TYPE_CHECKING:
     from .ties import _Params
@@ -201,7 +201,13 @@ def _linear_piece(xs, p: "_Params", counts):
 
 
 def ties_cpu(base, experts, p: "_Params", out) -> torch.Tensor:
-    """Merge piece by piece into `out`; returns counts [T, 4] int64 (kept, survived, admitted, non-finite)."""
+    """Merge into `out`; returns counts [T, 4] int64 (kept, survived, admitted, non-finite).
+
+    The C pass (cpu_native.c) when it takes these tensors, else piece by piece in PyTorch.
+    """
+    native = cpu_native.ties(base, experts, p, out)
+    if native is not None:
+        return native
     counts = torch.zeros((len(experts), 4), dtype=torch.int64)
     bits = _fast_params(p) if p.method == 0 else None
     for index in chunks.pieces(experts[0].shape):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
-from . import chunks
+from . import chunks, cpu_native
 from .dispatch import LAUNCH_OPTIONS, flat_contiguous, jit, kernel_backend, triton_kernels
 
 if TYPE_CHECKING:
@@ -108,12 +108,16 @@ def _abs_delta_bits_cpu(b: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _high_cpu(base, expert, hist):
+    if cpu_native.hist_high(base, expert, hist):
+        return
     for index in chunks.pieces(base.shape):
         bits = _abs_delta_bits_cpu(chunks.read(base, index), chunks.read(expert, index))
         hist += torch.bincount(bits >> 16, minlength=HIGH_BINS)
 
 
 def _low_cpu(base, expert, buckets, hist):
+    if cpu_native.hist_low(base, expert, buckets, hist):
+        return
     for index in chunks.pieces(base.shape):
         bits = _abs_delta_bits_cpu(chunks.read(base, index), chunks.read(expert, index))
         high = bits >> 16

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from workbench.kernels.dispatch import KernelBackendError, load_triton, triton_available
+from workbench.kernels import cpu_native
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_IMPORT_ERROR = None
@@ -45,11 +46,23 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(params=["cpu", "triton"])
+def _cpu_kernels(monkeypatch, which: str):
+    """The CPU path's C kernels ("c": skipped where they cannot be built) or its PyTorch pieces ("torch")."""
+    monkeypatch.setenv("WORKBENCH_NATIVE", "1" if which == "c" else "0")
+    if which == "c" and cpu_native.library() is None:
+        pytest.skip(cpu_native.why())
+
+
+@pytest.fixture(params=["cpu", "cpu-torch", "triton"])
 def backend(request, monkeypatch) -> str:
-    """Run the public API on one backend; returns the device its inputs must live on."""
+    """Run the public API on one backend; returns the device its inputs must live on.
+
+    "cpu" is the CPU path with its C kernels, "cpu-torch" the same path with its chunked PyTorch pieces.
+    """
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WORKBENCH_KERNELS", request.param)
+    monkeypatch.setenv("WORKBENCH_KERNELS", "cpu" if request.param.startswith("cpu") else request.param)
+    if request.param.startswith("cpu"):
+        _cpu_kernels(monkeypatch, "torch" if request.param == "cpu-torch" else "c")
     if request.param == "triton":
         if not triton_available():
             pytest.skip("triton is not installed")
@@ -59,11 +72,12 @@ def backend(request, monkeypatch) -> str:
     return "cpu"
 
 
-@pytest.fixture
-def cpu_backend(monkeypatch):
-    """Run the public API on the fast CPU path."""
+@pytest.fixture(params=["c", "torch"])
+def cpu_backend(request, monkeypatch):
+    """Run the public API on the fast CPU path: its C kernels, then its chunked PyTorch pieces."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("WORKBENCH_KERNELS", "cpu")
+    _cpu_kernels(monkeypatch, request.param)
 
 
 class Inputs:

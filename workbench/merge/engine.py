@@ -20,7 +20,7 @@ from workbench.analysis import expert_delta_stats, extended_label, layer_profile
 from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
 from workbench.config.schema import Where, parse, to_dict
 from workbench.errors import ConfigError, NonFiniteError
-from workbench.kernels import lerp_, topk_thresholds_multi
+from workbench.kernels import count_nonfinite, lerp_, topk_thresholds_multi
 from workbench.merge.card import build_report, render_card
 from workbench.merge.methods import TensorMerge, merge_tensor
 from workbench.merge.plan import build_plan
@@ -142,7 +142,7 @@ class _Executor:
         return inputs[self.plan.extended] if op.extra else None
 
     def check_finite(self, op, ref, tensor):
-        bad = tensor.numel() - int(torch.isfinite(tensor).sum()) if tensor.is_floating_point() else 0
+        bad = count_nonfinite(tensor)
         if bad and not self.allow_nonfinite:
             raise NonFiniteError(f"tensor {op.name} of model {ref}: {bad} NaN/Inf value(s); fix the model, or pass "
                                  f"--allow-nonfinite to merge anyway (non-finite deltas count as 0)")

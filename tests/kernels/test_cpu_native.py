@@ -1,0 +1,68 @@
+"""The CPU path's C kernels (kernels/cpu_native.c): built once into the cache, refused cleanly without a
+compiler (the PyTorch pieces then run), and NaN results left to PyTorch's rounding."""
+import pytest
+import torch
+
+from workbench.kernels import cpu_native, ties_merge, topk_thresholds
+from workbench.kernels.ties import ties_merge_reference
+from workbench.kernels.topk_threshold import topk_thresholds_reference
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The module as on first use, building into an empty cache."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WORKBENCH_KERNELS", "cpu")
+    monkeypatch.delenv("WORKBENCH_NATIVE", raising=False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setattr(cpu_native, "_error", None)
+    return tmp_path / "cache" / "native"
+
+
+def test_the_library_is_built_once_into_the_cache(fresh_build):
+    if cpu_native.library() is None:
+        pytest.skip(cpu_native.why())
+    built = sorted(fresh_build.glob("cpu_native-*.so"))
+    assert len(built) == 1 and not list(fresh_build.glob(".*tmp"))
+    assert cpu_native.why() == "C (cpu_native.c)"
+    assert cpu_native._build() == built[0]  # a second build finds the file
+
+
+def test_without_a_compiler_the_pytorch_pieces_run(fresh_build, monkeypatch, gen):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    base = torch.randn(70001, generator=gen).bfloat16()
+    experts = [(base.float() + torch.randn(70001, generator=gen) * 0.01).bfloat16() for _ in range(2)]
+    tau = [topk_thresholds(base, e, [0.3])[0] for e in experts]
+    got, counts = ties_merge(base, experts, tau_hi=tau)
+    assert cpu_native.library() is None and "could not be built" in cpu_native.why()
+    assert "no-such-cc" in cpu_native.why()
+    want, want_counts = ties_merge_reference(base, experts, tau_hi=tau)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)) and counts == want_counts
+    assert tau == [topk_thresholds_reference(base, e, [0.3])[0] for e in experts]
+    monkeypatch.setenv("WORKBENCH_NATIVE", "0")
+    assert cpu_native.why() == "chunked PyTorch (WORKBENCH_NATIVE=0)"
+
+
+def test_nan_results_take_pytorchs_rounding(cpu_backend, gen):
+    # A NaN in the base makes a NaN result, whose bf16 bits are PyTorch's; non-finite deltas count as 0.
+    base = torch.randn(100003, generator=gen).bfloat16()
+    experts = [(base.float() + torch.randn(100003, generator=gen) * 0.01).bfloat16() for _ in range(2)]
+    base[5] = float("nan")
+    base[99999] = float("-inf")
+    for method in ("ties", "task_arithmetic"):
+        got, counts = ties_merge(base, experts, method=method)
+        want, want_counts = ties_merge_reference(base, experts, method=method)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), method
+        assert counts == want_counts and counts.nonfinite == [2, 2]
+
+
+def test_count_nonfinite_counts_nan_and_inf(cpu_backend, gen, dtype):  # fp32, fp16 (PyTorch), bf16
+    from workbench.kernels import count_nonfinite
+
+    t = torch.randn(300007, generator=gen).to(dtype)
+    where = torch.randint(300007, (40,), generator=gen).unique()
+    for k, i in enumerate(where.tolist()):
+        t[i] = (float("nan"), float("inf"), float("-inf"))[k % 3]
+    assert count_nonfinite(t) == len(where) == int((~torch.isfinite(t)).sum())
+    assert count_nonfinite(t[::3]) == int((~torch.isfinite(t[::3])).sum())  # a strided view
+    assert count_nonfinite(torch.zeros(0, dtype=dtype)) == 0 and count_nonfinite(torch.arange(5)) == 0
