@@ -36,6 +36,7 @@ _lib = None
 _error: str | None = None
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 _i64, _int, _ptr, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 
@@ -62,10 +63,10 @@ def library():
 def why() -> str:
     """One line: which CPU kernels run, and if not the C ones, why."""
     if not enabled():
-        return "chunked PyTorch (WORKBENCH_NATIVE=0)"
+        return "chunked PyTorch kernels (WORKBENCH_NATIVE=0)"
     if library() is not None:
-        return "C (cpu_native.c)"
-    return f"chunked PyTorch (the C kernels could not be built: {_error})"
+        return "C kernels (kernels/cpu_native.c)"
+    return f"chunked PyTorch kernels (the C kernels could not be built: {_error})"
 
 
 def _cache_root() -> Path:
@@ -139,12 +140,13 @@ def _ranges(n: int) -> list[tuple[int, int]]:
 
 def _run(calls):
     """Run the zero-argument callables, on the pool when there is more than one; return their results."""
-    global _pool
+    global _pool, _pool_pid
     if len(calls) == 1:
         return [calls[0]()]
-    if _pool is None:  # (more calls than workers queue up: same results)
+    if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
         _pool = ThreadPoolExecutor(max_workers=max(2, len(calls)), thread_name_prefix="workbench-cpu")
-    return [f.result() for f in [_pool.submit(c) for c in calls]]
+        _pool_pid = os.getpid()
+    return [f.result() for f in [_pool.submit(c) for c in calls]]  # (extra calls queue: same results)
 
 
 def _i64_ptr(t: torch.Tensor):

@@ -24,7 +24,7 @@ def test_the_library_is_built_once_into_the_cache(fresh_build):
         pytest.skip(cpu_native.why())
     built = sorted(fresh_build.glob("cpu_native-*.so"))
     assert len(built) == 1 and not list(fresh_build.glob(".*tmp"))
-    assert cpu_native.why() == "C (cpu_native.c)"
+    assert cpu_native.why() == "C kernels (kernels/cpu_native.c)"
     assert cpu_native._build() == built[0]  # a second build finds the file
 
 
@@ -40,7 +40,7 @@ def test_without_a_compiler_the_pytorch_pieces_run(fresh_build, monkeypatch, gen
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)) and counts == want_counts
     assert tau == [topk_thresholds_reference(base, e, [0.3])[0] for e in experts]
     monkeypatch.setenv("WORKBENCH_NATIVE", "0")
-    assert cpu_native.why() == "chunked PyTorch (WORKBENCH_NATIVE=0)"
+    assert cpu_native.why() == "chunked PyTorch kernels (WORKBENCH_NATIVE=0)"
 
 
 def test_nan_results_take_pytorchs_rounding(cpu_backend, gen):
@@ -66,3 +66,22 @@ def test_count_nonfinite_counts_nan_and_inf(cpu_backend, gen, dtype):  # fp32, f
     assert count_nonfinite(t) == len(where) == int((~torch.isfinite(t)).sum())
     assert count_nonfinite(t[::3]) == int((~torch.isfinite(t[::3])).sum())  # a strided view
     assert count_nonfinite(torch.zeros(0, dtype=dtype)) == 0 and count_nonfinite(torch.arange(5)) == 0
+
+
+def _count_in_child(t):
+    return cpu_native.count_nonfinite(t)
+
+
+def test_a_forked_child_runs_the_threaded_c_kernels(monkeypatch, gen):
+    # The thread pool is per process: a child forked after the parent used it (DataLoader workers,
+    # datasets' num_proc) builds its own instead of waiting on threads that fork did not copy.
+    import multiprocessing
+
+    monkeypatch.setenv("WORKBENCH_KERNELS", "cpu")
+    if cpu_native.library() is None:
+        pytest.skip(cpu_native.why())
+    t = torch.randn(300007, generator=gen)
+    t[::1000] = float("nan")
+    assert cpu_native.count_nonfinite(t) == 301  # the parent's pool is up
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_count_in_child, (t,)).get(timeout=20) == 301

@@ -22,6 +22,10 @@ def test_merge_command_writes_model_card_and_report(tmp_path, tiny_family):
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["papers"]["ties_sv"].startswith("Tao et al., 2024")
     assert set(report["inputs"]) == {b_dir.name, l_dir.name, t_dir.name}
+    from workbench.kernels import cpu_native
+
+    assert report["device"] == "cpu" and report["kernels"] == cpu_native.why()  # as the subprocess saw it
+    assert f"on cpu, {report['kernels']} -> " in out.stdout
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "## Top-k survival" in card and "sha256" in card
     again = workbench("merge", str(recipe), "--out", str(tmp_path / "merged"), cwd=tmp_path)

@@ -46,7 +46,7 @@ def run(args):
                        overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size), source=args.recipe)
     report = result.report
     print(f"merged ({report['method']}) {report['output']['tensors']} tensors in {result.seconds:.1f} s "
-          f"-> {result.out_dir}")
+          f"on {report['device']}, {report['kernels']} -> {result.out_dir}")
     if "layer_swap" in report:
         print(f"  layer swap: {report['layer_swap']['description']}")
     for e in report["experts"]:

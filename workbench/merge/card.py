@@ -33,6 +33,19 @@ def _expert_summary(recipe, records) -> list:
     return out
 
 
+def kernels_description(device) -> str:
+    """Which kernels merged on `device`: Triton, the CPU path's C kernels or its PyTorch pieces, the references."""
+    import torch
+
+    from workbench.kernels import cpu_native, kernel_backend
+
+    probe = torch.empty(0, device=device)
+    backend = kernel_backend(probe)
+    if backend == "cpu":
+        return cpu_native.why() if probe.device.type == "cpu" else f"vectorized PyTorch on {probe.device.type}"
+    return {"triton": "Triton", "reference": "plain PyTorch references (WORKBENCH_KERNELS=reference)"}[backend]
+
+
 def build_report(recipe, models, readers, plan, compat, records, thresholds, profiles, seconds, device) -> dict:
     ops = {}
     for rec in records.values():
@@ -57,6 +70,7 @@ def build_report(recipe, models, readers, plan, compat, records, thresholds, pro
         "notes": list(plan.notes),
         "warnings": list(compat.warnings),
         "device": str(device),
+        "kernels": kernels_description(device),
         "seconds": round(seconds, 3),
         "tensors": records,
     }
@@ -83,7 +97,7 @@ def render_card(report: dict) -> str:
         lines += ["base_model:", f"- {report['inputs'][recipe['base']]['path']}"]
     lines += ["---", "", f"# Merged model ({report['method']})", "",
               f"Made with workbench {report['workbench_version']} in {report['seconds']:.1f} s on "
-              f"{report['device']}.", "", "## Method", ""]
+              f"{report['device']} ({report.get('kernels', 'kernels not recorded')}).", "", "## Method", ""]
     lines += [f"- `{m}`: {paper}" for m, paper in report["papers"].items()]
     if "layer_swap" in report:
         lines += ["", f"Layer swap: {report['layer_swap']['description']}"]
