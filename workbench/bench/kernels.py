@@ -153,7 +153,10 @@ def _environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
+        from workbench.kernels import cpu_native
+
         env["device_name"] = _cpu_name()
+        env["cpu_kernels"] = cpu_native.why()
     return env
 
 
@@ -198,6 +201,8 @@ def format_kernel_table(results: dict) -> str:
     cuda = bool(results.get("copy"))
     head = (f"kernel benchmark: {results['dtype']} on {results['device']} ({results['device_name']}, "
             f"{results['threads']} threads), torch {results['torch']}, median of {results['repeats']}")
+    if results.get("cpu_kernels"):
+        head += f"; fused = {results['cpu_kernels']}"
     if "loadavg_before" in results:
         head += (f"; load average {results['loadavg_before'][0]:.2f} before, "
                  f"{results['loadavg_after'][0]:.2f} after")
