@@ -302,3 +302,25 @@ def test_killed_merge_resumes_to_identical_output(tmp_path, tiny_family):
         assert (reference / fname).read_bytes() == (out / fname).read_bytes(), fname
     assert yaml.safe_load((out / "merge_report.json").read_text())["tensors"] == \
         yaml.safe_load((reference / "merge_report.json").read_text())["tensors"]
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, bf16_family, monkeypatch, capsys):
+    # stderr is not a terminal here (pytest captures it): no tqdm carriage returns, plain lines instead,
+    # throttled (interval 0 here: one per tensor but the last; a short real merge writes none).
+    import workbench.merge.engine as engine
+
+    (b_dir, _), (l_dir, _), (t_dir, _) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(b_dir),
+                                           "models": [{"model": str(l_dir)}, {"model": str(t_dir)}]}))
+    recipe, base_dir = load_recipe(recipe_file)
+    monkeypatch.setattr(engine, "LOG_INTERVAL_S", 0.0)
+    result = run_merge(recipe, resolve_paths(recipe, base_dir), tmp_path / "o", progress=True)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    n = result.report["output"]["tensors"]
+    assert "\r" not in err and len(lines) == n - 1
+    assert lines[0].startswith("merge task_arithmetic: ") and lines[-1].endswith(f"({n - 1}/{n} tensors)")
+    monkeypatch.setattr(engine, "LOG_INTERVAL_S", 3600.0)
+    run_merge(recipe, resolve_paths(recipe, base_dir), tmp_path / "o2", progress=True)
+    assert capsys.readouterr().err == ""

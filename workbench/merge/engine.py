@@ -7,6 +7,7 @@ arithmetic); on GPU the output may be written over the base's device copy.
 An interrupted merge resumes from its last finished shard; the output directory appears only when
 complete (the writer renames it into place).
 """
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -283,12 +284,44 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
             reader.close()
 
 
-def _stream(pending, inputs, executor, writer, recipe, progress):
+LOG_INTERVAL_S = 15.0  # a log (stderr not a terminal) gets a progress line at most this often
+
+
+class _LogProgress:
+    """The progress bar's stand-in where stderr is not a terminal: plain lines, no carriage returns,
+    at most one per LOG_INTERVAL_S (so a short merge writes none; the command's summary follows)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.postfix = total, desc, 0, ""
+        self.last = time.monotonic()
+
+    def update(self, n: int):
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= LOG_INTERVAL_S and self.done < self.total:
+            self.last = now
+            percent = 100 * self.done // self.total if self.total else 100
+            print(f"{self.desc}: {percent}% of {self.total / 1e6:.1f} MB ({self.postfix})", file=sys.stderr,
+                  flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = True):
+        self.postfix = text
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return _LogProgress(total, desc)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, leave=False)
+
+
+def _stream(pending, inputs, executor, writer, recipe, progress):
     total = sum(op.dtype.itemsize * _numel(op.shape) for op in pending)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}", disable=not progress,
-               leave=False)
+    bar = _progress_bar(total, f"merge {recipe.method}", progress)
     try:
         for i, op in enumerate(pending):
             inputs.prefetch(pending[i + 1] if i + 1 < len(pending) else None)
@@ -297,8 +330,8 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
             writer.write(op.name, out.cpu() if out.device.type != "cpu" else out, record)
             del tensors, out
             inputs.release(op)
-            bar.update(op.dtype.itemsize * _numel(op.shape))
             bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors", refresh=False)  # redrawn at tqdm's own pace
+            bar.update(op.dtype.itemsize * _numel(op.shape))
     finally:
         bar.close()
         writer.close()
