@@ -82,6 +82,7 @@ def _ties_piece(b, xs, p: "_Params", counts):
         return num
     return torch.where(den != 0, num.div_(den), 0.0)
 
+
 _ABS = 0x7FFFFFFF          # clears the sign bit: |x| on float32 bits
 _MAX_FINITE = 0x7F7FFFFF   # bits of the largest finite float32: |δ| bits above it are Inf or NaN
 
