@@ -42,13 +42,44 @@ static void store_block(void *p, int code, int64_t i0, int m, const float *src) 
 
 static inline float sgn(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
+/* Chris Wellons' lowbias32, as dare.py's counter-based hash. */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+/* DARE (dare.py) on a block of one expert, as dare_ would leave it in that expert's storage:
+ * x <- b + (keep ? (x − b)·scale : 0), rounded to the expert's dtype and read back as fp32. */
+static void dare_block(float *x, const float *b, int code, int64_t i0, int m, const int64_t *keys, float scale) {
+    uint32_t k0 = (uint32_t)keys[0], k1 = (uint32_t)keys[1], threshold = (uint32_t)keys[2];
+    for (int j = 0; j < m; j++) {
+        uint64_t i = (uint64_t)(i0 + j);
+        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ k0) ^ (uint32_t)(i >> 32) ^ k1);
+        float v = b[j] + ((h >> 8) >= threshold ? (x[j] - b[j]) * scale : 0.0f);
+        if (code == 1) {
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            uint32_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFF0000u
+                                                          : ((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16) << 16;
+            memcpy(&v, &r, 4);
+        }
+        x[j] = v;
+    }
+}
+
 /* ties.py's formula on elements [start, end). method: 0 ties, 1 task_arithmetic, 2 linear.
  * params: [T][3] = (w_t, tau_hi_t, tau_lo_t), fp32. counts: [T][4] += (kept, survived, slack_admitted,
- * nonfinite). Returns how many results were NaN (the caller recomputes such tensors elsewhere).
+ * nonfinite). dare: NULL, or [T][3] = (k0, k1, drop threshold; 0: no drop) with dare_scale [T]: each
+ * expert is first dropped and rescaled as dare_ would (DARE-TIES in one pass, the experts unchanged).
+ * Returns how many results were NaN (the caller recomputes such tensors elsewhere).
  * Per block: the deltas and masks of every expert, then the election, then the disjoint mean. */
 int64_t wb_ties(int64_t start, int64_t end, const void *base, int base_code, const void **experts,
                 const int *codes, int T, const float *params, float lam, int method, int count_consensus,
-                int normalize, int has_slack, void *out, int out_code, int64_t *counts) {
+                int normalize, int has_slack, void *out, int out_code, int64_t *counts, const int64_t *dare,
+                const float *dare_scale) {
     float b[BLK], x[BLK], d[MAX_T][BLK], s[BLK], e1[BLK], e2[BLK], num[BLK], den[BLK];
     int32_t keep[MAX_T][BLK], cand[MAX_T][BLK];
     int64_t kept[MAX_T] = {0}, surv[MAX_T] = {0}, adm[MAX_T] = {0}, bad[MAX_T] = {0}, nans = 0;
@@ -60,6 +91,7 @@ int64_t wb_ties(int64_t start, int64_t end, const void *base, int base_code, con
             float hi = params[3 * t + 1], lo = params[3 * t + 2];
             int64_t k_t = 0, bad_t = 0;
             load_block(experts[t], codes[t], i0, m, x);
+            if (dare && dare[3 * t + 2] > 0) dare_block(x, b, codes[t], i0, m, dare + 3 * t, dare_scale[t]);
             float *dt = d[t];
             int32_t *kt = keep[t], *ct = cand[t];
             for (int j = 0; j < m; j++) {

@@ -113,7 +113,8 @@ def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     lib.wb_ties.restype = _i64
     lib.wb_ties.argtypes = [_i64, _i64, _ptr, _int, ctypes.POINTER(_ptr), ctypes.POINTER(_int), _int,
-                            ctypes.POINTER(_f32), _f32, _int, _int, _int, _int, _ptr, _int, ctypes.POINTER(_i64)]
+                            ctypes.POINTER(_f32), _f32, _int, _int, _int, _int, _ptr, _int, ctypes.POINTER(_i64),
+                            ctypes.POINTER(_i64), ctypes.POINTER(_f32)]
     lib.wb_nonfinite.restype = _i64
     lib.wb_nonfinite.argtypes = [_i64, _i64, _ptr, _int]
     lib.wb_hist_high.restype = None
@@ -153,13 +154,23 @@ def _i64_ptr(t: torch.Tensor):
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(_i64))
 
 
-def ties(base, experts, p, out) -> torch.Tensor | None:
+def ties(base, experts, p, out, dare=None) -> torch.Tensor | None:
     """ties.py's pass into `out`; counts [T, 4] int64, or None if a result was NaN (recompute elsewhere:
-    PyTorch's NaN rounding is not reproduced here) or the C kernels do not take these tensors."""
+    PyTorch's NaN rounding is not reproduced here) or the C kernels do not take these tensors.
+
+    dare: None, or per expert (k0, k1, drop threshold, scale) from dare.py (threshold 0: no drop): the
+    experts are dropped and rescaled on the fly, as `dare_` would have left them, and never written.
+    """
     lib = library()
     T = len(experts)
     if lib is None or T > MAX_EXPERTS or not supports(base, out, *experts):
         return None
+    if dare is not None:
+        dare_keys = torch.tensor([[k0, k1, thr] for k0, k1, thr, _ in dare], dtype=torch.int64)
+        dare_scale = torch.tensor([scale for *_, scale in dare], dtype=torch.float32)
+        dare_args = (_i64_ptr(dare_keys), ctypes.cast(dare_scale.data_ptr(), ctypes.POINTER(_f32)))
+    else:
+        dare_args = (None, None)
     n = out.numel()
     params = torch.tensor([[w, hi, lo] for w, hi, lo in zip(p.weights, p.tau_hi, p.tau_lo)], dtype=torch.float32)
     ptrs = (_ptr * T)(*[e.data_ptr() for e in experts])
@@ -172,7 +183,7 @@ def ties(base, experts, p, out) -> torch.Tensor | None:
     def call(k, start, end):
         return lib.wb_ties(start, end, base_ptr, base_code, ptrs, codes, T, fparams, p.lam, p.method,
                            int(p.count_consensus), int(p.normalize), int(p.has_slack), out.data_ptr(),
-                           CODES[out.dtype], _i64_ptr(counts[k]))
+                           CODES[out.dtype], _i64_ptr(counts[k]), *dare_args)
 
     nans = sum(_run([lambda k=k, s=s, e=e: call(k, s, e) for k, (s, e) in enumerate(ranges)]))
     return None if nans else counts.sum(0)

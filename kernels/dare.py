@@ -140,3 +140,38 @@ def dare_(expert: torch.Tensor, base: torch.Tensor, p: float, seed: int) -> torc
     else:
         _dare_cpu(expert, base, seed, p, scale)
     return expert
+
+
+# Keep every element the drop left non-zero: τ = the smallest positive float, so |δ| ≥ τ ⇔ δ ≠ 0.
+KEEP_NONZERO = 1.4e-45
+
+
+def dare_ties_merge(base: torch.Tensor, experts, drop_rates, seeds, *, weights=None, lam: float = 1.0,
+                    normalize: bool = True, consensus: str = "sum", out: torch.Tensor | None = None):
+    """DARE-TIES: `dare_` on each expert (drop rate p_t, seed s_t), then `ties_merge` keeping every δ the
+    drop left non-zero; returns (out, MergeCounts).
+
+    On CPU with the C kernels it is one pass that drops on the fly and never writes into the experts;
+    elsewhere (and for tensors the C kernels do not take) `dare_` runs in place on the experts first.
+    Both give the same bits.
+    """
+    from . import cpu_native
+    from .ties import _merge_counts, _prepare, ties_merge
+
+    experts, drop_rates, seeds = list(experts), [float(p) for p in drop_rates], list(seeds)
+    if not len(experts) == len(drop_rates) == len(seeds):
+        raise ValueError(f"dare_ties_merge: {len(experts)} experts, {len(drop_rates)} drop rates, {len(seeds)} seeds")
+    for t, p in enumerate(drop_rates):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dare_ties_merge: expert {t}: drop rate p={p} is outside [0, 1)")
+    taus = [KEEP_NONZERO] * len(experts)
+    if experts and kernel_backend(experts[0]) == "cpu":
+        prepared, params, target = _prepare(base, experts, weights, taus, None, lam, "ties", normalize, consensus,
+                                            out)
+        dare = [(*seed_keys(s), drop_threshold(p), fp32_scalar(1.0 / (1.0 - p))) for p, s in zip(drop_rates, seeds)]
+        counts = cpu_native.ties(base, prepared, params, target, dare=dare)
+        if counts is not None:
+            return target, _merge_counts(prepared[0].numel(), counts)
+    dropped = [dare_(e, base, p, s) for e, p, s in zip(experts, drop_rates, seeds)]
+    return ties_merge(base, dropped, weights=weights, tau_hi=taus, tau_lo=taus, lam=lam, method="ties",
+                      normalize=normalize, consensus=consensus, out=out)

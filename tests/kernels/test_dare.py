@@ -60,3 +60,25 @@ def test_bad_arguments_are_refused():
         dare_(torch.zeros(3), torch.zeros(3), 1.0, seed=0)
     with pytest.raises(ValueError, match="shape"):
         dare_(torch.zeros(3), torch.zeros(4), 0.5, seed=0)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_dare_ties_merge_equals_dare_then_ties_references(backend, make, size, dtype, consensus):
+    # One fused pass on the C kernels (drop on the fly), dare_ then ties_merge elsewhere: the bits of the
+    # references applied in that order.
+    from workbench.kernels import dare_ties_merge
+    from workbench.kernels.dare import KEEP_NONZERO
+    from workbench.kernels.ties import ties_merge_reference
+
+    base = make.tensor(size, dtype)
+    experts = [make.expert(base, scale=0.02 * (1 + t)) for t in range(3)]
+    drops, seeds, weights = [0.7, 0.0, 0.5], [11, 12, 2**31 - 1], [1.0, 0.6, 1.4]
+    dev = [base.to(backend)] + [e.to(backend).clone() for e in experts]  # (dare_ may drop in place)
+    got, counts = dare_ties_merge(dev[0], dev[1:], drops, seeds, weights=weights, lam=0.9, consensus=consensus)
+    dropped = [dare_reference(e.clone(), base, p, s) for e, p, s in zip(experts, drops, seeds)]
+    taus = [KEEP_NONZERO] * 3
+    want, want_counts = ties_merge_reference(base, dropped, weights=weights, tau_hi=taus, tau_lo=taus, lam=0.9,
+                                             consensus=consensus)
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(got.cpu().contiguous().view(bits), want.contiguous().view(bits))
+    assert counts == want_counts

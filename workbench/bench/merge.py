@@ -87,6 +87,7 @@ def cases(models: dict, layers: int) -> list:
     ties_mk = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16", "parameters": {"normalize": True},
                "models": [{"model": a, "parameters": {"density": 0.2, "weight": 1.0}},
                           {"model": b, "parameters": {"density": 0.2, "weight": 1.0}}]}
+    dare_mk = {**ties_mk, "merge_method": "dare_ties"}
     ta_mk = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
              "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}
     swap_mk = {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
@@ -98,6 +99,8 @@ def cases(models: dict, layers: int) -> list:
                                                                  {"model": b, "density": 0.2}]}, ties_mk),
         Case("ties_sv", {"method": "ties_sv", "base": base, "models": [
             {"model": a, "density": 0.2}, {"model": b, "density": 0.2, "slack": 0.1}]}, ties_mk),
+        Case("dare_ties", {"method": "dare_ties", "base": base, "models": [{"model": a, "density": 0.2},
+                                                                          {"model": b, "density": 0.2}]}, dare_mk),
         Case("task_arithmetic", {"method": "task_arithmetic", "base": base, "models": [{"model": a}, {"model": b}]},
              ta_mk),
         Case("layer_swap", {"method": "layer_swap", "base": base, "layer_swap": {
