@@ -1,10 +1,10 @@
 /* The CPU merge kernels in C: one fused pass per tensor, the same formulas and the same fp32 operations
  * in the same order as the plain-PyTorch references (ties.py, topk_threshold.py), so the bits agree.
  *
- * Built at first use by cpu_native.py with `cc -O3 -ffp-contract=off` (no FMA contraction, no fast-math:
- * every +, *, / rounds as PyTorch's does) and called through ctypes, which releases the GIL: Python
- * threads run disjoint element ranges side by side. Inputs are fp32 (code 0) or bf16 (code 1); all
- * arithmetic is fp32. Plain C99, no dependencies.
+ * Built at first use by cpu_native.py (`cc -O3 -march=native -ffp-contract=off`: no FMA contraction, no
+ * fast-math, so every +, *, / rounds as PyTorch's does) and called through ctypes, which releases the GIL:
+ * Python threads run disjoint element ranges side by side. Inputs are fp32 (code 0) or bf16 (code 1); all
+ * arithmetic is fp32. Plain C, no dependencies.
  */
 #include <math.h>
 #include <stdint.h>
@@ -14,6 +14,9 @@
 
 #define BLK 256  /* elements per block: the block-local arrays (on the stack) stay in L1/L2 */
 #define MAX_T 16
+
+/* The most experts wb_ties takes (cpu_native.py reads it from here). */
+int wb_max_experts(void) { return MAX_T; }
 
 /* dst[j] = element i0 + j of p as fp32, j < m. bf16 -> fp32 is exact: the bits shifted up. */
 static void load_block(const void *p, int code, int64_t i0, int m, float *dst) {
@@ -26,7 +29,11 @@ static void load_block(const void *p, int code, int64_t i0, int m, float *dst) {
     for (int j = 0; j < m; j++) u[j] = (uint32_t)src[j] << 16;
 }
 
-/* fp32 -> bf16 as PyTorch rounds it: nearest even; NaN -> 0xFFFF. */
+/* The bf16 bits of an fp32 value (bits u) as PyTorch rounds it: nearest even; NaN -> 0xFFFF. */
+static inline uint16_t bf16_bits(uint32_t u) {
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0xFFFF : (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
 static void store_block(void *p, int code, int64_t i0, int m, const float *src) {
     if (code == 0) {
         memcpy((float *)p + i0, src, (size_t)m * 4);
@@ -34,10 +41,7 @@ static void store_block(void *p, int code, int64_t i0, int m, const float *src) 
     }
     const uint32_t *u = (const uint32_t *)src;
     uint16_t *dst = (uint16_t *)p + i0;
-    for (int j = 0; j < m; j++) {
-        uint32_t r = (u[j] + (((u[j] >> 16) & 1u) + 0x7FFFu)) >> 16;
-        dst[j] = (u[j] & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0xFFFF : (uint16_t)r;
-    }
+    for (int j = 0; j < m; j++) dst[j] = bf16_bits(u[j]);
 }
 
 static inline float sgn(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
@@ -62,9 +66,8 @@ static void dare_block(float *x, const float *b, int code, int64_t i0, int m, co
         if (code == 1) {
             uint32_t u;
             memcpy(&u, &v, 4);
-            uint32_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFF0000u
-                                                          : ((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16) << 16;
-            memcpy(&v, &r, 4);
+            u = (uint32_t)bf16_bits(u) << 16;
+            memcpy(&v, &u, 4);
         }
         x[j] = v;
     }

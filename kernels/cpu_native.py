@@ -28,7 +28,6 @@ SOURCE = Path(__file__).with_name("cpu_native.c")
 # No FMA contraction and no fast-math: each fp32 operation rounds exactly as PyTorch's does.
 FLAGS = ["-O3", "-march=native", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 CODES = {torch.float32: 0, torch.bfloat16: 1}
-MAX_EXPERTS = 16
 MIN_SPLIT = 1 << 16  # elements per thread below which one thread does the whole tensor
 _TRUE_OFF = ("0", "false", "off", "no")
 
@@ -70,6 +69,8 @@ def why() -> str:
 
 
 def _cache_root() -> Path:
+    # workbench.provenance.cache_dir()'s root, resolved here: the kernels import nothing of the app above them
+    # (a test checks that the two agree).
     root = os.environ.get("WORKBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "workbench")
     return Path(root) / "native"
 
@@ -115,6 +116,8 @@ def _load(path: Path):
     lib.wb_ties.argtypes = [_i64, _i64, _ptr, _int, ctypes.POINTER(_ptr), ctypes.POINTER(_int), _int,
                             ctypes.POINTER(_f32), _f32, _int, _int, _int, _int, _ptr, _int, ctypes.POINTER(_i64),
                             ctypes.POINTER(_i64), ctypes.POINTER(_f32)]
+    lib.wb_max_experts.restype = _int
+    lib.wb_max_experts.argtypes = []
     lib.wb_nonfinite.restype = _i64
     lib.wb_nonfinite.argtypes = [_i64, _i64, _ptr, _int]
     lib.wb_hist_high.restype = None
@@ -131,23 +134,20 @@ def supports(*tensors) -> bool:
                for t in tensors)
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
-    if n == 0:
-        return [(0, 0)]
-    parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT))
-    step = -(-n // parts)
-    return [(s, min(s + step, n)) for s in range(0, n, step)]
-
-
-def _run(calls):
-    """Run the zero-argument callables, on the pool when there is more than one; return their results."""
+def _parallel(n: int, fn) -> list:
+    """fn(start, end) over `torch.get_num_threads()` disjoint ranges of [0, n) (one for small n), on a
+    thread pool (ctypes releases the GIL); the results in range order."""
     global _pool, _pool_pid
-    if len(calls) == 1:
-        return [calls[0]()]
+    parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT))
+    step = max(1, -(-n // parts))
+    ranges = [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
     if _pool is None or _pool_pid != os.getpid():  # a forked child has the pool but not its threads
-        _pool = ThreadPoolExecutor(max_workers=max(2, len(calls)), thread_name_prefix="workbench-cpu")
+        _pool = ThreadPoolExecutor(max_workers=max(2, len(ranges)), thread_name_prefix="workbench-cpu")
         _pool_pid = os.getpid()
-    return [f.result() for f in [_pool.submit(c) for c in calls]]  # (extra calls queue: same results)
+    futures = [_pool.submit(fn, s, e) for s, e in ranges]  # (more ranges than workers queue up)
+    return [f.result() for f in futures]
 
 
 def _i64_ptr(t: torch.Tensor):
@@ -163,7 +163,7 @@ def ties(base, experts, p, out, dare=None) -> torch.Tensor | None:
     """
     lib = library()
     T = len(experts)
-    if lib is None or T > MAX_EXPERTS or not supports(base, out, *experts):
+    if lib is None or T > lib.wb_max_experts() or not supports(base, out, *experts):
         return None
     if dare is not None:
         dare_keys = torch.tensor([[k0, k1, thr] for k0, k1, thr, _ in dare], dtype=torch.int64)
@@ -171,22 +171,21 @@ def ties(base, experts, p, out, dare=None) -> torch.Tensor | None:
         dare_args = (_i64_ptr(dare_keys), ctypes.cast(dare_scale.data_ptr(), ctypes.POINTER(_f32)))
     else:
         dare_args = (None, None)
-    n = out.numel()
     params = torch.tensor([[w, hi, lo] for w, hi, lo in zip(p.weights, p.tau_hi, p.tau_lo)], dtype=torch.float32)
     ptrs = (_ptr * T)(*[e.data_ptr() for e in experts])
     codes = (_int * T)(*[CODES[e.dtype] for e in experts])
     fparams = ctypes.cast(params.data_ptr(), ctypes.POINTER(_f32))
     base_ptr, base_code = (base.data_ptr(), CODES[base.dtype]) if base is not None else (None, 0)
-    ranges = _ranges(n)
-    counts = torch.zeros((len(ranges), T, 4), dtype=torch.int64)
 
-    def call(k, start, end):
-        return lib.wb_ties(start, end, base_ptr, base_code, ptrs, codes, T, fparams, p.lam, p.method,
+    def run(start, end):
+        counts = torch.zeros((T, 4), dtype=torch.int64)
+        nans = lib.wb_ties(start, end, base_ptr, base_code, ptrs, codes, T, fparams, p.lam, p.method,
                            int(p.count_consensus), int(p.normalize), int(p.has_slack), out.data_ptr(),
-                           CODES[out.dtype], _i64_ptr(counts[k]), *dare_args)
+                           CODES[out.dtype], _i64_ptr(counts), *dare_args)
+        return counts, nans
 
-    nans = sum(_run([lambda k=k, s=s, e=e: call(k, s, e) for k, (s, e) in enumerate(ranges)]))
-    return None if nans else counts.sum(0)
+    results = _parallel(out.numel(), run)
+    return None if any(nans for _, nans in results) else sum(counts for counts, _ in results)
 
 
 def hist_high(base, expert, hist) -> bool:
@@ -194,12 +193,15 @@ def hist_high(base, expert, hist) -> bool:
     lib = library()
     if lib is None or not supports(base, expert):
         return False
-    ranges = _ranges(base.numel())
-    parts = torch.zeros((len(ranges), hist.numel()), dtype=torch.int64)
-    _run([lambda k=k, s=s, e=e: lib.wb_hist_high(s, e, base.data_ptr(), CODES[base.dtype], expert.data_ptr(),
-                                                  CODES[expert.dtype], _i64_ptr(parts[k]))
-          for k, (s, e) in enumerate(ranges)])
-    hist += parts.sum(0)
+
+    def run(start, end):
+        part = torch.zeros(hist.shape, dtype=torch.int64)
+        lib.wb_hist_high(start, end, base.data_ptr(), CODES[base.dtype], expert.data_ptr(), CODES[expert.dtype],
+                         _i64_ptr(part))
+        return part
+
+    for part in _parallel(base.numel(), run):
+        hist += part
     return True
 
 
@@ -208,14 +210,16 @@ def hist_low(base, expert, buckets, hist) -> bool:
     lib = library()
     if lib is None or not supports(base, expert):
         return False
-    ranges = _ranges(base.numel())
     wanted = torch.tensor(list(buckets), dtype=torch.int64)
-    parts = torch.zeros((len(ranges),) + tuple(hist.shape), dtype=torch.int64)
-    _run([lambda k=k, s=s, e=e: lib.wb_hist_low(s, e, base.data_ptr(), CODES[base.dtype], expert.data_ptr(),
-                                                 CODES[expert.dtype], _i64_ptr(wanted), len(buckets),
-                                                 _i64_ptr(parts[k]))
-          for k, (s, e) in enumerate(ranges)])
-    hist += parts.sum(0)
+
+    def run(start, end):
+        part = torch.zeros(hist.shape, dtype=torch.int64)
+        lib.wb_hist_low(start, end, base.data_ptr(), CODES[base.dtype], expert.data_ptr(), CODES[expert.dtype],
+                        _i64_ptr(wanted), len(buckets), _i64_ptr(part))
+        return part
+
+    for part in _parallel(base.numel(), run):
+        hist += part
     return True
 
 
@@ -227,5 +231,4 @@ def count_nonfinite(t: torch.Tensor) -> int:
     if lib is None or not supports(t):
         return sum(int(piece.numel() - torch.isfinite(piece).count_nonzero())
                    for piece in t.reshape(-1).split(1 << 20))
-    return sum(_run([lambda s=s, e=e: lib.wb_nonfinite(s, e, t.data_ptr(), CODES[t.dtype])
-                     for s, e in _ranges(t.numel())]))
+    return sum(_parallel(t.numel(), lambda start, end: lib.wb_nonfinite(start, end, t.data_ptr(), CODES[t.dtype])))

@@ -85,3 +85,21 @@ def test_a_forked_child_runs_the_threaded_c_kernels(monkeypatch, gen):
     assert cpu_native.count_nonfinite(t) == 301  # the parent's pool is up
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_count_in_child, (t,)).get(timeout=20) == 301
+
+
+def test_the_cache_is_workbenchs_cache(monkeypatch, tmp_path):
+    # cpu_native resolves the cache root itself (the kernels import nothing above them): the same place.
+    from workbench.provenance import cache_dir
+
+    for value in (str(tmp_path / "c"), ""):
+        monkeypatch.setenv("WORKBENCH_CACHE", value)
+        assert cpu_native._cache_root() == cache_dir() / "native"
+
+
+def test_more_experts_than_the_c_kernels_take_run_on_the_pytorch_pieces(cpu_backend, gen):
+    T = (cpu_native.library().wb_max_experts() if cpu_native.library() is not None else 16) + 1
+    base = torch.randn(4099, generator=gen).bfloat16()
+    experts = [(base.float() + torch.randn(4099, generator=gen) * 0.01).bfloat16() for _ in range(T)]
+    got, counts = ties_merge(base, experts, method="task_arithmetic")
+    want, want_counts = ties_merge_reference(base, experts, method="task_arithmetic")
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)) and counts == want_counts

@@ -121,10 +121,9 @@ class _Scratch:
     def take(self, shape, dtype) -> torch.Tensor:
         if self.device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
-        numel = _numel(shape)
-        nbytes = numel * dtype.itemsize
+        nbytes = _numel(shape) * dtype.itemsize
         if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = None
+            self.buf = None  # the old buffer goes before the bigger one is allocated
             self.buf = torch.empty(nbytes, dtype=torch.uint8)
         return self.buf[:nbytes].view(dtype).view(shape)
 
