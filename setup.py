@@ -1,7 +1,8 @@
 """Packaging: `kernels/`, `pipelines/` and `languages/` install under the `workbench` namespace.
 
-A top-level `kernels` module would collide with Hugging Face's `kernels` package, which
-`transformers` probes for, so the folders are mapped with `package_dir` (DESIGN.md §2).
+A top-level `kernels` module would collide with Hugging Face's `kernels` package, which `transformers`
+imports, so the folders are mapped with `package_dir`. `kernels/` and `pipelines/` have no `__init__.py`
+(see workbench/__init__.py): from the repository root, Hugging Face's `kernels` still wins.
 """
 import os
 
@@ -22,7 +23,7 @@ def _packages():
     for name, folder in ROOTS.items():
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
-            if "__init__.py" not in filenames:
+            if not any(f.endswith(".py") for f in filenames):
                 continue
             rel = os.path.relpath(dirpath, folder)
             pkg = name if rel == "." else name + "." + rel.replace(os.sep, ".")

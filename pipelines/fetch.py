@@ -11,10 +11,14 @@ safetensors weights, config and tokenizer files; the sha256 of each weight file 
   the converted model's logits equal those of the model loaded straight from the GGUF, at twice the bytes
   of bf16 (540 MB for SmolLM2-135M).
 """
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from workbench.checkpoint import ModelReader, check_compatible
@@ -187,10 +191,14 @@ def convert_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
         raise MissingDependencyError("loading a GGUF file needs the gguf package; install it with: pip install gguf")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converting {gguf.name} to a safetensors model (once; cached in {target.parent})", file=sys.stderr,
+          flush=True)
+    started = time.perf_counter()
     try:
-        model, tokenizer = load_gguf(gguf)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _plain_progress_in_logs():
+            model, tokenizer = load_gguf(gguf)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         del model
         try:
             os.rename(tmp, target)
@@ -199,7 +207,36 @@ def convert_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converted {gguf.name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return target
+
+
+@contextlib.contextmanager
+def _plain_progress_in_logs():
+    """No progress bars where stderr is not a terminal: in a log, a bar is a run of carriage returns.
+
+    transformers' GGUF loader draws its bar with plain tqdm (its own progress switch does not reach it), so
+    that name is swapped for a disabled tqdm while the conversion runs; its loading and saving bars follow
+    the switch. The caller prints a plain line before and after instead.
+    """
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    original = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_gguf(gguf: Path):

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def load_model(model_dir, cfg):
         if missing:
             raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in the model {model_dir}; "
                               f"expected module names such as q_proj, v_proj, gate_proj")
-        model = get_peft_model(model, lora_config(cfg, model))
+        with warnings.catch_warnings():
+            # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+            # FutureWarning on every run: nothing a user can act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora_config(cfg, model))
     return model
 
 

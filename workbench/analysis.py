@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from workbench.checkpoint import ModelReader
-from workbench.kernels import delta_stats
+from workbench.kernels.delta_stats import delta_stats
 from workbench.merge.layers import KINDS, num_layers, place_of
 
 BATCH_BYTES = 64 * 1024 * 1024  # small tensors are gathered into one kernel call up to this size

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from workbench.bench.kernels import FRACTIONS, benchmark_inputs, ties_sv_merge
-from workbench.kernels import delta_stats, keep_count, lerp_, ties_merge, topk_thresholds
+from workbench.kernels.delta_stats import delta_stats
+from workbench.kernels.layer_swap import lerp_
+from workbench.kernels.ties import ties_merge
+from workbench.kernels.topk_threshold import keep_count, topk_thresholds
 
 N = int(os.environ.get("WORKBENCH_BENCH_N", 50_000_000))
 

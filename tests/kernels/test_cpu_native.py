@@ -3,7 +3,9 @@ compiler (the PyTorch pieces then run), and NaN results left to PyTorch's roundi
 import pytest
 import torch
 
-from workbench.kernels import cpu_native, ties_merge, topk_thresholds
+from workbench.kernels import cpu_native
+from workbench.kernels.ties import ties_merge
+from workbench.kernels.topk_threshold import topk_thresholds
 from workbench.kernels.ties import ties_merge_reference
 from workbench.kernels.topk_threshold import topk_thresholds_reference
 
@@ -57,7 +59,7 @@ def test_nan_results_take_pytorchs_rounding(cpu_backend, gen):
 
 
 def test_count_nonfinite_counts_nan_and_inf(cpu_backend, gen, dtype):  # fp32, fp16 (PyTorch), bf16
-    from workbench.kernels import count_nonfinite
+    from workbench.kernels.cpu_native import count_nonfinite
 
     t = torch.randn(300007, generator=gen).to(dtype)
     where = torch.randint(300007, (40,), generator=gen).unique()

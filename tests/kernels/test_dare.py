@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from workbench.kernels import dare_
+from workbench.kernels.dare import dare_
 from workbench.kernels.dare import dare_keep_mask, dare_reference
 
 # Tolerance against the reference: zero for every dtype (the same hash, the same fp32 operations).
@@ -66,7 +66,7 @@ def test_bad_arguments_are_refused():
 def test_dare_ties_merge_equals_dare_then_ties_references(backend, make, size, dtype, consensus):
     # One fused pass on the C kernels (drop on the fly), dare_ then ties_merge elsewhere: the bits of the
     # references applied in that order.
-    from workbench.kernels import dare_ties_merge
+    from workbench.kernels.dare import dare_ties_merge
     from workbench.kernels.dare import KEEP_NONZERO
     from workbench.kernels.ties import ties_merge_reference
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from workbench.kernels import DeltaStats, delta_stats
+from workbench.kernels.delta_stats import DeltaStats, delta_stats
 from workbench.kernels.delta_stats import PACK_LIMIT, delta_stats_reference
 
 # Relative tolerance of the sums against the float64 reference, per input dtype. δ is exact in fp32

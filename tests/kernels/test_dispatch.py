@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.kernels import KernelBackendError, kernel_backend, ties_merge
+from workbench.kernels.dispatch import KernelBackendError, kernel_backend
+from workbench.kernels.ties import ties_merge
 from workbench.kernels.dispatch import triton_available
 
 
@@ -77,7 +78,8 @@ def test_without_triton_the_cpu_path_works_and_forcing_triton_explains():
 import sys
 sys.modules["triton"] = None                      # as if Triton were not installed
 import torch
-from workbench.kernels import ties_merge, KernelBackendError
+from workbench.kernels.dispatch import KernelBackendError
+from workbench.kernels.ties import ties_merge
 out, _ = ties_merge(torch.zeros(4), [torch.ones(4)], method="task_arithmetic")
 assert out.tolist() == [1.0] * 4
 import os
@@ -98,7 +100,8 @@ def test_triton_imported_too_early_is_explained():
     code = """
 import triton                                     # compiled mode: no TRITON_INTERPRET
 import torch
-from workbench.kernels import lerp_, KernelBackendError
+from workbench.kernels.dispatch import KernelBackendError
+from workbench.kernels.layer_swap import lerp_
 import os
 os.environ["WORKBENCH_KERNELS"] = "triton"
 try:

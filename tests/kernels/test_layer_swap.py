@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from workbench.kernels import lerp_
+from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.layer_swap import lerp_reference
 
 # Tolerance against the reference: zero for every dtype (same two fp32 products and one sum on every

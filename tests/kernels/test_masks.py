@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.kernels import pack_bits, topk_masks, topk_thresholds, unpack_bits
+from workbench.kernels.masks import pack_bits, topk_masks, unpack_bits
+from workbench.kernels.topk_threshold import topk_thresholds
 from workbench.kernels.masks import topk_masks_reference
 from workbench.kernels.topk_threshold import topk_thresholds_reference
 

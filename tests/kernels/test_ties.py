@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from workbench.kernels import MergeCounts, ties_merge
+from workbench.kernels.ties import MergeCounts, ties_merge
 from workbench.kernels.ties import ties_merge_reference
 from workbench.kernels.topk_threshold import topk_thresholds_reference
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from workbench.kernels import keep_count, topk_thresholds, topk_thresholds_multi
+from workbench.kernels.topk_threshold import keep_count, topk_thresholds, topk_thresholds_multi
 
 # Tolerance: none, for every dtype. The threshold is an element of |δ| (fp32), so it is exact or wrong.
 FRACTIONS = [0.01, 0.1, 0.2, 1 / 3, 0.5, 0.9, 1.0]

@@ -1,6 +1,8 @@
 """The installed `workbench` command: subcommands, help, exit codes, one-line errors; the package layout."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,16 +40,47 @@ def test_bad_usage_exits_2_and_config_error_is_one_line(tmp_path):
     assert "Traceback" in debug.stderr
 
 
-def test_installed_layout_has_no_top_level_kernels_or_pipelines(tmp_path):
-    # From outside the repository: the mapped packages import under workbench, never at the top level.
-    code = ("import importlib.util as u, workbench.kernels, workbench.pipelines, workbench.languages;"
-            "print(u.find_spec('kernels') is None, u.find_spec('pipelines') is None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+REPO = Path(__file__).resolve().parents[2]
+
+LAYOUT_PROBE = """
+import importlib.util, json, sys
+import workbench.kernels.ties, workbench.pipelines.runner, workbench.languages
+top = {name: importlib.util.find_spec(name) for name in ("kernels", "pipelines")}
+print(json.dumps({name: None if spec is None else {"origin": spec.origin,
+                                                   "locations": list(spec.submodule_search_locations or [])}
+                  for name, spec in top.items()}))
+"""
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "repository root"])
+def test_kernels_and_pipelines_import_only_under_workbench(tmp_path, where):
+    # `python -c` puts the working directory first on sys.path, as `python -m pytest` and notebooks do.
+    cwd = REPO if where == "repository root" else tmp_path
+    out = subprocess.run([sys.executable, "-c", LAYOUT_PROBE], capture_output=True, text=True, cwd=cwd)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True"]
-    for name in ("kernels", "pipelines"):
-        fail = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path)
-        assert fail.returncode != 0 and "ModuleNotFoundError" in fail.stderr
+    found = json.loads(out.stdout)
+    kernels = found["kernels"]
+    if kernels is not None:  # Hugging Face's `kernels` (transformers depends on it): never the project's folder
+        assert kernels["origin"] and not Path(kernels["origin"]).is_relative_to(REPO), kernels
+    pipelines = found["pipelines"]
+    # At most the bare folder (a namespace: no code runs) where the repository root is on the path.
+    assert pipelines is None or pipelines["origin"] in (None, "namespace"), pipelines
+
+
+def test_transformers_imports_hugging_face_kernels_from_the_repository_root():
+    code = ("from transformers import LlamaForCausalLM\n"
+            "import importlib.util\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(spec.origin if spec is not None and spec.origin else 'absent')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "absent" or not Path(out.stdout.strip()).is_relative_to(REPO), out.stdout
+
+
+def test_modules_run_from_the_repository_root():
+    out = subprocess.run([sys.executable, "-m", "workbench", "merge", "--help"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr
 
 
 def test_language_files_ship_as_package_data(tmp_path):

@@ -18,7 +18,11 @@ import time
 
 import torch
 
-from workbench.kernels import delta_stats, kernel_backend, keep_count, lerp_, ties_merge, topk_thresholds
+from workbench.kernels.delta_stats import delta_stats
+from workbench.kernels.dispatch import kernel_backend
+from workbench.kernels.layer_swap import lerp_
+from workbench.kernels.ties import ties_merge
+from workbench.kernels.topk_threshold import keep_count, topk_thresholds
 from workbench.kernels.delta_stats import delta_stats_reference
 from workbench.kernels.layer_swap import lerp_reference
 from workbench.kernels.ties import ties_merge_reference

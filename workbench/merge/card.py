@@ -37,7 +37,8 @@ def kernels_description(device) -> str:
     """Which kernels merged on `device`: Triton, the CPU path's C kernels or its PyTorch pieces, the references."""
     import torch
 
-    from workbench.kernels import cpu_native, kernel_backend
+    from workbench.kernels import cpu_native
+    from workbench.kernels.dispatch import kernel_backend
 
     probe = torch.empty(0, device=device)
     backend = kernel_backend(probe)

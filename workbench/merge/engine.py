@@ -21,7 +21,9 @@ from workbench.analysis import expert_delta_stats, extended_label, layer_profile
 from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
 from workbench.config.schema import Where, parse, to_dict
 from workbench.errors import ConfigError, NonFiniteError
-from workbench.kernels import count_nonfinite, lerp_, topk_thresholds_multi
+from workbench.kernels.cpu_native import count_nonfinite
+from workbench.kernels.layer_swap import lerp_
+from workbench.kernels.topk_threshold import topk_thresholds_multi
 from workbench.merge.card import build_report, render_card
 from workbench.merge.methods import TensorMerge, merge_tensor
 from workbench.merge.plan import build_plan

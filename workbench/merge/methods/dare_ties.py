@@ -1,6 +1,6 @@
 """DARE-TIES (Yu et al., 2024, with Yadav et al., 2023): drop each δ element with probability p = 1 − k_t,
 rescale survivors by 1/(1 − p) (seeded per tensor and expert), then TIES's election and disjoint merge."""
-from workbench.kernels import dare_ties_merge
+from workbench.kernels.dare import dare_ties_merge
 from workbench.merge.methods import MergeInfo, TensorMerge, register
 
 

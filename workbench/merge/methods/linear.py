@@ -1,5 +1,5 @@
 """Linear (model soups, Wortsman et al., 2022): Σ w_t θ_t / Σ w_t."""
-from workbench.kernels import ties_merge
+from workbench.kernels.ties import ties_merge
 from workbench.merge.methods import MergeInfo, TensorMerge, register
 
 

@@ -1,5 +1,5 @@
 """Task arithmetic (Ilharco et al., 2023): θ_b + λ Σ w_t δ_t."""
-from workbench.kernels import ties_merge
+from workbench.kernels.ties import ties_merge
 from workbench.merge.methods import MergeInfo, TensorMerge, register
 
 

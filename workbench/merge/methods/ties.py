@@ -1,6 +1,7 @@
 """TIES (Yadav et al., 2023) and TIES-SV (Tao et al., 2024): trim to the top-k |δ| (plus a slack band),
 elect a sign per element, average the deltas that agree with it (DESIGN.md §4.4, §4.5)."""
-from workbench.kernels import ties_merge, topk_thresholds
+from workbench.kernels.ties import ties_merge
+from workbench.kernels.topk_threshold import topk_thresholds
 from workbench.merge.methods import MergeInfo, TensorMerge, register
 
 
