@@ -231,7 +231,8 @@ def test_nonfinite_input_is_reported_by_name(tmp_path, tiny_llama_factory):
     assert torch.equal(w[0, :3], base["model.layers.1.self_attn.k_proj.weight"][0, :3])
 
 
-def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tiny_llama_factory):
+def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tiny_llama_factory,
+                                                                   extend_tokenizer):
     base_dir, base = tiny_llama_factory("base", seed=0)
     task_dir, task = tiny_llama_factory("task", seed=2, base_state=base, delta_scale=0.02)
     # The language expert: the base with 16 more vocabulary rows, then trained (noise).
@@ -240,6 +241,7 @@ def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tin
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         grown[name] = torch.cat([base[name], big[name][512:]])
     lang_dir, lang = tiny_llama_factory("lang", seed=4, vocab_size=528, base_state=grown, delta_scale=0.02)
+    extend_tokenizer(lang_dir, 16)  # its tokenizer proves the extension
     res, out = merge(tmp_path, {"method": "task_arithmetic", "base": str(base_dir), "models": [
         {"model": str(lang_dir)}, {"model": str(task_dir)}]}, "ext")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -250,6 +252,7 @@ def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tin
     assert res.report["output"]["extended_vocab"] == str(lang_dir)
     assert AutoModelForCausalLM.from_pretrained(res.out_dir).config.vocab_size == 528
     other_dir, _ = tiny_llama_factory("other", seed=5, vocab_size=528, hidden=64, intermediate=192)
+    extend_tokenizer(other_dir, 16)
     with pytest.raises(IncompatibleModelsError, match="mlp"):
         merge(tmp_path, {"method": "task_arithmetic", "base": str(base_dir), "models": [
             {"model": str(other_dir)}, {"model": str(task_dir)}]}, "ext_bad")
