@@ -10,6 +10,7 @@ import yaml
 from workbench.config.language import LanguageConfig, Profile
 from workbench.config.schema import Where, parse
 from workbench.errors import ConfigError
+from workbench.user_files import read_text, refuse_special
 
 
 def shipped_languages_dir() -> Path:
@@ -34,6 +35,7 @@ def resolve_language_file(lang: str) -> Path:
     """A language code (`sw`) or the path of the user's own YAML file."""
     if lang.endswith((".yaml", ".yml")) or "/" in lang or Path(lang).is_file():
         path = Path(lang)
+        refuse_special(path, ConfigError)
         if not path.is_file():
             raise ConfigError(f"{lang}: no such config file; expected a YAML file or one of the language codes: "
                               f"{', '.join(available_languages())}")
@@ -45,17 +47,57 @@ def resolve_language_file(lang: str) -> Path:
     return shipped[lang]
 
 
+# A config, recipe or --set value holds hundreds of values; aliases (`*name` repeating what `&name` holds)
+# may reuse blocks, but not expand 1 KB into billions of values that every later walk would visit.
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml(path: Path, source: str):
+    return load_yaml_text(read_text(path, ConfigError), source)
+
+
+def load_yaml_text(text: str, source: str):
+    """`yaml.safe_load` whose result is bounded: at most MAX_YAML_VALUES values once aliases are expanded,
+    no alias inside its own anchor, no nesting past the parser's recursion limit."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
-    try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{source}: {where}not valid YAML ({getattr(e, 'problem', e)})") from None
+    _check_expanded_size(data, source)
+    return data
+
+
+def _check_expanded_size(data, source: str):
+    """Count the values `data` holds with every alias expanded, each shared node counted once per use but
+    visited once (so a bomb is measured in the time its anchors take to read)."""
+    sizes, open_nodes = {}, set()
+
+    def size(node) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{source}: an alias refers to the value that holds it (a cycle); expected "
+                              f"plain nested values")
+        open_nodes.add(key)
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases "
+                                  f"`*name` repeat what an anchor `&name` holds); expected a config of "
+                                  f"ordinary size")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data)
 
 
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -99,8 +141,9 @@ def parse_override(text: str):
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    _check_expanded_size(value, f"--set {text!r}")
     return key.strip(), value
 
 
