@@ -327,3 +327,23 @@ def test_progress_in_a_log_is_plain_lines(tmp_path, bf16_family, monkeypatch, ca
     monkeypatch.setattr(engine, "LOG_INTERVAL_S", 3600.0)
     run_merge(recipe, resolve_paths(recipe, base_dir), tmp_path / "o2", progress=True)
     assert capsys.readouterr().err == ""
+
+
+def test_errors_name_only_the_options_the_caller_has(tmp_path, tiny_llama_factory):
+    """`workbench adapt` has no --allow-nonfinite: a merge it runs must not recommend one."""
+    from safetensors.torch import save_file
+
+    base_dir, base = tiny_llama_factory("base", seed=0)
+    exp_dir, exp = tiny_llama_factory("exp", seed=1, base_state=base, delta_scale=0.02)
+    poisoned = {k: v.clone() for k, v in exp.items()}
+    poisoned["model.norm.weight"][0] = float("inf")
+    save_file(poisoned, str(exp_dir / "model.safetensors"), metadata={"format": "pt"})
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base_dir),
+                                           "models": [{"model": str(exp_dir)}]}))
+    recipe, folder = load_recipe(recipe_file)
+    with pytest.raises(NonFiniteError) as err:
+        run_merge(recipe, resolve_paths(recipe, folder), tmp_path / "out", progress=False, nonfinite_option=None)
+    assert str(err.value).endswith("NaN/Inf in the delta of " + str(exp_dir) + " (1) (in the expert or in the base "
+                                   + str(base_dir) + "); fix the model")
+    assert not (tmp_path / "out.partial").exists()

@@ -166,6 +166,35 @@ class LoadedConfig:
         """Relative paths in the config are relative to the YAML's folder."""
         return self.file.resolve().parent
 
+    def local_inputs(self) -> dict[str, Path]:
+        """Every local file or folder this profile reads, by its key ({"sources.text.path": Path, ...}),
+        with the config file itself: what a run directory must keep clear of."""
+        found = {"the config file": self.file}
+        profile = self.profile
+
+        def add(key, path):
+            if path:
+                local = Path(path).expanduser()
+                found[key] = local if local.is_absolute() else self.base_dir / local
+
+        for name, src in self.language.sources.items():
+            add(f"sources.{name}.path", src.path)
+        models = [("base", profile.base), ("language_expert.fetch", profile.language_expert.fetch)]
+        models += [(f"experts.{name}.fetch", expert.fetch) for name, expert in profile.experts.items()]
+        for key, src in models:
+            if src is not None:
+                add(f"{key}.path", src.path)
+                add(f"{key}.gguf", None if src.package else src.gguf)
+        sfts = [("language_expert.sft", profile.language_expert.sft)]
+        sfts += [(f"experts.{name}.sft", expert.sft) for name, expert in profile.experts.items()]
+        for key, sft in sfts:
+            if sft is not None:
+                add(f"{key}.data.path", sft.data.path)
+        if profile.eval.mgsm is not None:
+            add("eval.mgsm.path", profile.eval.mgsm.path)
+        return {f"profiles.{self.profile_name}.{k}" if not k.startswith(("sources", "the ")) else k: v
+                for k, v in found.items()}
+
 
 def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=False) -> LoadedConfig:
     """Read and validate a language config; `overrides` are `KEY=VALUE` strings (keys relative to the
