@@ -97,19 +97,19 @@ def _legacy_manifest(file: Path) -> bool:
     return isinstance(data, dict) and {"version", "plan_hash", "shards"} <= data.keys()
 
 
-def check_removable(path: Path, option: str = "--out"):
+def check_removable(path: Path):
     """ConfigError unless `path` is absent, empty, or the tool's own folder."""
     if not os.path.lexists(path) or is_owned(path):
         return
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         return
     raise ConfigError(f"{path} exists and was not made by workbench (no {MARKER} inside), so it is left "
-                      f"alone: move or delete it yourself, or choose another {option}")
+                      f"alone: move or delete it yourself, or write the output elsewhere")
 
 
-def remove_owned(path: Path, option: str = "--out"):
+def remove_owned(path: Path):
     """Delete the tool's folder `path` (an empty folder too); anything else is refused, never deleted."""
-    check_removable(path, option)
+    check_removable(path)
     if not os.path.lexists(path):
         return
     if is_owned(path):

@@ -73,7 +73,8 @@ def _pick_device(requested):
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but no CUDA device is available; use --device cpu")
+        raise ConfigError("device 'cuda' was asked for (by the recipe's device key, or workbench merge --device), "
+                          "but no CUDA device is available; expected device cpu or auto")
     return torch.device(requested)
 
 
