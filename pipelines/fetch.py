@@ -17,12 +17,13 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
 
 from workbench.checkpoint import ModelReader, check_compatible
-from workbench.config.language import ModelSource
+from workbench.config.language import ModelSource, hub_id_problem
 from workbench.errors import (CheckpointError, ConfigError, HubUnavailableError, MissingDependencyError,
                               UnsafeCheckpointError)
 from workbench.pipelines.stage import cache_dir, file_sha256, write_json_atomic
@@ -37,10 +38,11 @@ def source_kind(source: ModelSource) -> str:
     return "hub" if source.hub else "path" if source.path else "gguf"
 
 
-def resolve_model(source: ModelSource, *, base_dir: Path, run_dir: Path | None = None, key: str = "base") -> Path:
+def resolve_model(source: ModelSource, *, base_dir: Path, run_dir: Path | None = None, key: str | None = None) -> Path:
     """A local model directory for `source` (fetched or converted when needed).
 
-    `key` is where the source sits in the profile (e.g. `experts.math.fetch`), for the hints in errors.
+    `key` is where the source sits in the profile (e.g. `experts.math.fetch`), for the hints in errors;
+    None for a source given on the command line.
     With `run_dir`, the model's files and their sha256 are recorded in `run_dir/fetch.json`.
     """
     if run_dir is None:
@@ -50,14 +52,14 @@ def resolve_model(source: ModelSource, *, base_dir: Path, run_dir: Path | None =
     return Path(record["path"])
 
 
-def fetch_model(source: ModelSource, *, base_dir: Path, key: str = "base") -> dict:
+def fetch_model(source: ModelSource, *, base_dir: Path, key: str | None = None) -> dict:
     """Resolve `source` and describe it: {"source", "kind", "path", "files": {name: {"sha256", "bytes"}},
     "bytes"}, plus the resolved "revision" of a hub model or the "gguf" file and "gguf_sha256"."""
     folder, extra = _materialize(source, base_dir, key)
     return {"source": source.label(), "kind": source_kind(source), **extra, **weight_record(folder)}
 
 
-def _materialize(source: ModelSource, base_dir: Path, key: str) -> tuple[Path, dict]:
+def _materialize(source: ModelSource, base_dir: Path, key: str | None) -> tuple[Path, dict]:
     if source.path:
         return local_model(_resolve(source.path, base_dir)), {}
     if source.hub:
@@ -103,18 +105,23 @@ def update_manifest(run_dir, **sections) -> dict:
 
 # ----- hub
 
-def no_hub_hint(source: ModelSource, key: str) -> str:
+def no_hub_hint(source: ModelSource, key: str | None) -> str:
     """How to go on without the hub. `--set KEY.path=DIR` would leave `hub` set beside `path` (a config
-    error), so the hint replaces the whole source mapping."""
-    hint = (f"point at a local copy instead (`{key}: {{path: DIR}}` in the profile, or --set '{key}={{path: DIR}}'; "
-            f"DIR holds config.json, tokenizer files and *.safetensors), or run the offline profile: --profile micro")
+    error), so the hint replaces the whole source mapping. A source from the command line (`key` None)
+    is replaced on the command line."""
+    if key is None:
+        hint = ("pass a local copy instead: a folder holding config.json, tokenizer files and *.safetensors")
+    else:
+        hint = (f"point at a local copy instead (`{key}: {{path: DIR}}` in the profile, or --set "
+                f"'{key}={{path: DIR}}'; DIR holds config.json, tokenizer files and *.safetensors), or run the "
+                f"offline profile: --profile micro")
     if source.gated:
         hint += (f". {source.hub} is gated: downloading it needs its access agreement accepted at "
                  f"https://huggingface.co/{source.hub} and HF_TOKEN set to a token of that account")
     return hint
 
 
-def hub_model(source: ModelSource, *, key: str = "base") -> Path:
+def hub_model(source: ModelSource, *, key: str | None = None) -> Path:
     """Download (or find in the cache) the safetensors, JSON and tokenizer files of a hub model."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -142,8 +149,8 @@ def hub_model(source: ModelSource, *, key: str = "base") -> Path:
         raise UnsafeCheckpointError(
             f"{label} has no safetensors weights: workbench downloads only safetensors (pickled *.bin/*.pt "
             f"checkpoints can run code when loaded). Convert it once in an environment you trust "
-            f"(from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use it as "
-            f"`{key}: {{path: DIR}}`, or pick a revision that has safetensors")
+            f"(from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use "
+            f"{f'`{key}: {{path: DIR}}`' if key else 'that folder'}, or pick a revision that has safetensors")
     return local_model(folder)
 
 
@@ -196,7 +203,7 @@ def convert_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
     started = time.perf_counter()
     try:
         with _plain_progress_in_logs():
-            model, tokenizer = load_gguf(gguf)
+            model, tokenizer = _read_gguf(gguf)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         del model
@@ -237,6 +244,17 @@ def _plain_progress_in_logs():
             gguf_utils.tqdm = original
         if bars_on:
             hf_logging.enable_progress_bar()
+
+
+def _read_gguf(gguf: Path):
+    """`load_gguf`, with a truncated or foreign file reported as a CheckpointError naming it: gguf-py and
+    transformers report those as struct, value or index errors from deep inside their parsers."""
+    try:
+        return load_gguf(gguf)
+    except (ValueError, KeyError, IndexError, EOFError, struct.error) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{gguf}: cannot read it as a GGUF model (truncated, or not a GGUF file of a "
+                              f"supported architecture): {reason[:300]}") from None
 
 
 def load_gguf(gguf: Path):
@@ -323,6 +341,9 @@ def fetch_profile(loaded, run_dir, *, dry_run: bool = False) -> dict:
 def parse_model_arg(text: str) -> ModelSource:
     """`workbench fetch --model` / `workbench eval` syntax: a directory, a .gguf path,
     `package:file.gguf`, a hub id, or `id@revision`."""
+    if not text.strip():
+        raise ConfigError("an empty model reference: expected DIR, FILE.gguf, PACKAGE:FILE.gguf, OWNER/NAME or "
+                          "OWNER/NAME@REVISION")
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         package, sep, name = text.partition(":")
@@ -331,8 +352,15 @@ def parse_model_arg(text: str) -> ModelSource:
         return ModelSource(gguf=str(path.resolve()))
     if path.is_dir():
         return ModelSource(path=str(path.resolve()))
-    repo, _, revision = text.partition("@")
+    repo, at, revision = text.partition("@")
     if text.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
         raise ConfigError(f"{text!r} is not a model directory, a .gguf file or a hub id "
                           f"(expected DIR, FILE.gguf, PACKAGE:FILE.gguf, OWNER/NAME or OWNER/NAME@REVISION)")
-    return ModelSource(hub=repo, revision=revision or "main")
+    problem = hub_id_problem(repo)
+    if problem:
+        shown = text if len(text) <= 100 else f"{text[:40]}...({len(text)} characters)"
+        raise ConfigError(f"{shown!r}: not a hub id: {problem}")
+    if at and not revision.strip():
+        raise ConfigError(f"{text!r}: nothing after '@'; expected OWNER/NAME@REVISION (a branch, tag or commit), "
+                          f"or OWNER/NAME for the main branch")
+    return ModelSource(hub=repo, revision=revision if at else "main")

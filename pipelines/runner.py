@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, OutputError
+from workbench.outputs import OutputLock
 from workbench.pipelines.stage import Stage, stage_for, write_json_atomic
+
+LOCK = "run.lock"  # held while a run writes its directory
 
 
 @dataclass
@@ -74,8 +77,16 @@ class RunGraph:
         return lines
 
     def execute(self, *, from_stage=None, only=None, log=print) -> dict:
-        """Run the stages in order; returns {name: record}."""
+        """Run the stages in order; returns {name: record}. One run at a time holds the run directory."""
         forced = self._select(from_stage, only)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{self.run_dir}: cannot create the run directory: {e.strerror or e}") from None
+        with OutputLock(self.run_dir / LOCK, f"run directory {self.run_dir}"):
+            return self._execute(forced, from_stage, only, log)
+
+    def _execute(self, forced, from_stage, only, log) -> dict:
         records = {}
         total = len(self.specs)
         for i, spec in enumerate(self.specs, 1):

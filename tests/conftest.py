@@ -126,6 +126,20 @@ def tiny_llama_factory(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.fixture
+def extend_tokenizer(tiny_tokenizer_dir):
+    """`write(model_dir, extra)`: the tiny tokenizer plus `extra` new tokens (ids 512 ...) into a model folder,
+    the proof that the model's larger vocabulary extends the others' (DESIGN.md §4.6a)."""
+    from transformers import AutoTokenizer
+
+    def write(model_dir, extra):
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+        tok.add_tokens([f"swx{i}" for i in range(extra)])
+        tok.save_pretrained(model_dir)
+
+    return write
+
+
+@pytest.fixture
 def tiny_family(tiny_llama_factory):
     """A base and two experts of it (a 'language' expert strong at the ends, a 'task' expert in the middle)."""
     base_dir, base = tiny_llama_factory("base", seed=0)

@@ -28,6 +28,19 @@ class CheckpointError(WorkbenchError):
     """A checkpoint file or directory is missing, truncated or corrupt."""
 
 
+class InvalidModelError(CheckpointError):
+    """A model's files contradict themselves: config.json against the tensors' shapes, a dtype label against
+    the other tensors, token ids or layer indices past the model's own sizes, an embedding grown without the
+    tokenizer that proves it. It cannot be right whatever the run: exit code 2, like a bad config."""
+
+    exit_code = 2
+
+
+class OutputError(WorkbenchError):
+    """An output cannot be written: the disk is full, the folder is read-only, or another process is
+    writing the same output. The message names the path."""
+
+
 class NonFiniteError(WorkbenchError):
     """An input tensor holds NaN or Inf."""
 

@@ -74,6 +74,9 @@ def cached_file_sha256(path) -> str:
             known = {}
         known[key] = digest
         tmp = store.with_name(f".sha256.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=0), encoding="utf-8")
-        os.replace(tmp, store)
+        try:
+            tmp.write_text(json.dumps(known, indent=0), encoding="utf-8")
+            os.replace(tmp, store)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a cache that cannot be written is only slower next time
     return digest

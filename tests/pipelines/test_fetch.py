@@ -184,3 +184,47 @@ def load_json(path):
     import json
 
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "an empty model reference: expected DIR, FILE.gguf"),
+    ("a/b@", "'a/b@': nothing after '@'; expected OWNER/NAME@REVISION"),
+    ("a/..", "'a/..': not a hub id: '..' is not a hub name"),
+    ("a/" + "x" * 300, "...(302 characters)': not a hub id: 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...(300 "
+                       "characters)' is not a hub name"),
+    ("-a/b", "not a hub id: '-a' is not a hub name"),
+    ("a--b/c", "not a hub id: 'a--b' is not a hub name"),
+])
+def test_odd_model_references_are_refused(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_model_arg(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_odd_hub_ids_are_usage_errors_on_the_command_line(tmp_path, workbench_cache):
+    for text in ("a/..", "a/" + "x" * 300, "", "a/b@"):
+        out = workbench("fetch", "--model", text, "--dry-run", cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "internal error" not in out.stderr, out.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_hub_id_in_a_profile_is_checked_with_its_key():
+    with pytest.raises(ConfigError, match=r"profiles\.micro\.experts\.math\.fetch\.hub: '\.\.' is not a hub "
+                                          r"name .*, got 'a/\.\.'"):
+        load_language("sw", overrides=["experts.math={fetch: {hub: a/..}}"])
+    with pytest.raises(ConfigError, match=r"profiles\.micro\.base\.revision: expected a non-empty string"):
+        load_language("sw", overrides=["base={hub: a/b, revision: ''}"])
+
+
+@pytest.mark.parametrize("keep", [8, 100_000, None])
+def test_a_truncated_or_garbage_gguf_is_refused_by_name(tmp_path, smollm2_gguf, workbench_cache, keep):
+    bad = tmp_path / "bad.gguf"
+    if keep is None:
+        bad.write_bytes(bytes(range(256)) * 20)
+    else:
+        with open(smollm2_gguf, "rb") as f:
+            bad.write_bytes(f.read(keep))
+    out = workbench("fetch", "--model", str(bad), cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.count("\n") == 2, out.stderr  # the "converting" line, the error
+    assert f"error: {bad}: cannot read it as a GGUF model" in out.stderr and "internal error" not in out.stderr
+    assert not [p for p in (workbench_cache / "gguf").glob("*bad*")]  # no half conversion stays in the cache

@@ -1,7 +1,10 @@
 """The stage graph: keys chain through dependencies, reruns skip, --from and --only select, changes propagate."""
+import subprocess
+import sys
+
 import pytest
 
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, OutputError
 from workbench.pipelines.runner import RunGraph, StageSpec, stage_output
 
 
@@ -62,3 +65,31 @@ def test_plan_lines_show_cached_state(tmp_path):
     assert all("[to run]" in line for line in graph.plan_lines())
     graph.execute(log=lambda *_: None)
     assert all("[cached]" in line for line in build(tmp_path, [], settings).plan_lines())
+
+
+HOLD_RUN_DIR = """
+import sys, time
+from workbench.pipelines.runner import LOCK
+from workbench.outputs import OutputLock
+OutputLock(sys.argv[1] + "/" + LOCK, "test").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_at_a_time_holds_a_run_directory(tmp_path):
+    settings = {"block": 256, "steps": 10, "ties": 0.3}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_DIR, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        calls = []
+        with pytest.raises(OutputError, match=rf"run directory {tmp_path} is in use by PID {holder.pid}"):
+            build(tmp_path, calls, settings).execute(log=lambda *_: None)
+        assert calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    calls = []
+    build(tmp_path, calls, settings).execute(log=lambda *_: None)  # the killed run's lock is taken over
+    assert calls == ["corpus", "pretrain", "merge:ties", "merge:ta", "report"]
+    assert not (tmp_path / "run.lock").exists()

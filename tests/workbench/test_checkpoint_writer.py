@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from workbench.checkpoint import ModelReader, ShardedWriter, write_state_dict
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, OutputError
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 
@@ -176,21 +176,25 @@ def test_interrupted_shard_is_rewritten_and_other_plans_start_fresh(tiny_llama_f
     for name in first_two + writer.shards[2].names[:1]:  # stop inside the third shard
         writer.write(name, reader.get(name))
     writer.close()
-    assert (tmp_path / "out.partial" / (writer.shards[2].file + ".tmp")).is_file()
+    stray = tmp_path / "out.partial" / (writer.shards[2].file + ".tmp")
+    assert not stray.exists()  # close() drops the unfinished shard: a rerun rewrites it from its start anyway
+    stray.write_bytes(b"what a killed run leaves")
 
     resumed = ShardedWriter(out, plan, max_shard_bytes=100_000, source_dir=src)
     assert resumed.pending() == [n for n, _, _ in plan if n not in first_two]
-    assert not (tmp_path / "out.partial" / (writer.shards[2].file + ".tmp")).exists()
+    assert not stray.exists()
+    resumed.close()  # one writer at a time: the next one below waits for this one to let go
     # A corrupted finished shard is not trusted: it is computed again.
     with open(tmp_path / "out.partial" / writer.shards[1].file, "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\xff\xff\xff\xff")
     again = ShardedWriter(out, plan, max_shard_bytes=100_000, source_dir=src)
     assert again.pending() == [n for n, _, _ in plan if n not in writer.shards[0].names]
+    again.close()
     # Another plan (here: another shard size) discards everything.
     other = ShardedWriter(out, plan, max_shard_bytes=50_000, source_dir=src)
     assert other.pending() == [n for n, _, _ in plan]
-    assert os.listdir(tmp_path / "out.partial") == [".manifest.json"]
+    assert sorted(os.listdir(tmp_path / "out.partial")) == [".manifest.json", ".workbench-owned"]
 
 
 SLOW_WRITER = textwrap.dedent("""
@@ -305,3 +309,37 @@ def test_manifest_sha256_is_the_finished_shard_files_sha256(tmp_path, dtypes):
     assert len(shards) == len(writer.shards)
     for fname, entry in shards.items():
         assert entry["sha256"] == hashlib.sha256((partial / fname).read_bytes()).hexdigest(), fname
+
+
+def test_one_writer_per_output_and_the_lock_goes_with_it(tmp_path):
+    plan = [("w", (6,), torch.float32)]
+    first = ShardedWriter(tmp_path / "out", plan)
+    with pytest.raises(OutputError, match=rf"output {tmp_path / 'out'} is in use by PID {os.getpid()}"):
+        ShardedWriter(tmp_path / "out", plan)
+    first.write("w", torch.ones(6))
+    first.finalize()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    write_state_dict(tmp_path / "out", {"w": torch.zeros(6)}, overwrite=True)  # free again
+
+
+def test_a_partial_of_an_earlier_version_still_resumes(tmp_path):
+    """A `.partial` written before the marker existed holds the writer's manifest: that is proof enough."""
+    plan = [("a", (4,), torch.float32), ("b", (4,), torch.float32)]
+    writer = ShardedWriter(tmp_path / "out", plan, max_shard_bytes=16)
+    writer.write("a", torch.ones(4))
+    writer.close()
+    (tmp_path / "out.partial" / ".workbench-owned").unlink()
+    resumed = ShardedWriter(tmp_path / "out", plan, max_shard_bytes=16)
+    assert resumed.pending() == ["b"]
+    resumed.write("b", torch.zeros(4))
+    out = resumed.finalize()
+    assert sorted(os.listdir(out)) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                       "model.safetensors.index.json"]
+
+
+def test_a_file_named_like_the_temporary_folder_is_left_alone(tmp_path):
+    (tmp_path / "out.partial").write_text("my notes")
+    with pytest.raises(ConfigError, match=r"out\.partial exists and was not made by workbench"):
+        write_state_dict(tmp_path / "out", {"w": torch.zeros(2)})
+    assert (tmp_path / "out.partial").read_text() == "my notes"
+    assert sorted(os.listdir(tmp_path)) == ["out.partial"]

@@ -90,3 +90,28 @@ def test_language_files_ship_as_package_data(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "sw.yaml" in out.stdout and "True True" in out.stdout
+
+
+def test_adapt_set_values_are_checked_like_the_file(tmp_path):
+    out = run("adapt", "--lang", "sw", "--set", "merges.ties.lambda=.inf", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "profiles.micro.merges.ties.lambda: expected a number in [-100, 100], got inf" in out.stderr
+
+
+def test_adapt_never_writes_its_run_directory_over_its_inputs(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.config.loader import load_language
+
+    own = tmp_path / "my_sw.yaml"
+    own.write_text(load_language("sw").file.read_text(encoding="utf-8").replace(
+        "path: corpora/sw.txt", "path: text/sw.txt"), encoding="utf-8")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "sw.txt").write_text("Habari za asubuhi, rafiki yangu mpendwa.\n", encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for run_dir, relation in ((tmp_path, "contains the input the config file"),
+                              (tmp_path / "text", "contains the input sources.shipped.path"),
+                              (tmp_path / "text" / "sw.txt" / "run", "is inside the input sources.shipped.path")):
+        assert main(["adapt", "--lang", str(own), "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"--run-dir {run_dir}: the run directory {relation}" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -231,7 +231,8 @@ def test_nonfinite_input_is_reported_by_name(tmp_path, tiny_llama_factory):
     assert torch.equal(w[0, :3], base["model.layers.1.self_attn.k_proj.weight"][0, :3])
 
 
-def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tiny_llama_factory):
+def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tiny_llama_factory,
+                                                                   extend_tokenizer):
     base_dir, base = tiny_llama_factory("base", seed=0)
     task_dir, task = tiny_llama_factory("task", seed=2, base_state=base, delta_scale=0.02)
     # The language expert: the base with 16 more vocabulary rows, then trained (noise).
@@ -240,6 +241,7 @@ def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tin
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         grown[name] = torch.cat([base[name], big[name][512:]])
     lang_dir, lang = tiny_llama_factory("lang", seed=4, vocab_size=528, base_state=grown, delta_scale=0.02)
+    extend_tokenizer(lang_dir, 16)  # its tokenizer proves the extension
     res, out = merge(tmp_path, {"method": "task_arithmetic", "base": str(base_dir), "models": [
         {"model": str(lang_dir)}, {"model": str(task_dir)}]}, "ext")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -250,6 +252,7 @@ def test_extended_vocabulary_merges_shared_rows_and_keeps_new_ones(tmp_path, tin
     assert res.report["output"]["extended_vocab"] == str(lang_dir)
     assert AutoModelForCausalLM.from_pretrained(res.out_dir).config.vocab_size == 528
     other_dir, _ = tiny_llama_factory("other", seed=5, vocab_size=528, hidden=64, intermediate=192)
+    extend_tokenizer(other_dir, 16)
     with pytest.raises(IncompatibleModelsError, match="mlp"):
         merge(tmp_path, {"method": "task_arithmetic", "base": str(base_dir), "models": [
             {"model": str(other_dir)}, {"model": str(task_dir)}]}, "ext_bad")
@@ -324,3 +327,23 @@ def test_progress_in_a_log_is_plain_lines(tmp_path, bf16_family, monkeypatch, ca
     monkeypatch.setattr(engine, "LOG_INTERVAL_S", 3600.0)
     run_merge(recipe, resolve_paths(recipe, base_dir), tmp_path / "o2", progress=True)
     assert capsys.readouterr().err == ""
+
+
+def test_errors_name_only_the_options_the_caller_has(tmp_path, tiny_llama_factory):
+    """`workbench adapt` has no --allow-nonfinite: a merge it runs must not recommend one."""
+    from safetensors.torch import save_file
+
+    base_dir, base = tiny_llama_factory("base", seed=0)
+    exp_dir, exp = tiny_llama_factory("exp", seed=1, base_state=base, delta_scale=0.02)
+    poisoned = {k: v.clone() for k, v in exp.items()}
+    poisoned["model.norm.weight"][0] = float("inf")
+    save_file(poisoned, str(exp_dir / "model.safetensors"), metadata={"format": "pt"})
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base_dir),
+                                           "models": [{"model": str(exp_dir)}]}))
+    recipe, folder = load_recipe(recipe_file)
+    with pytest.raises(NonFiniteError) as err:
+        run_merge(recipe, resolve_paths(recipe, folder), tmp_path / "out", progress=False, nonfinite_option=None)
+    assert str(err.value).endswith("NaN/Inf in the delta of " + str(exp_dir) + " (1) (in the expert or in the base "
+                                   + str(base_dir) + "); fix the model")
+    assert not (tmp_path / "out.partial").exists()

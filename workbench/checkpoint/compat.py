@@ -4,9 +4,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workbench.checkpoint.consistency import check_consistent
 from workbench.checkpoint.reader import EMBED, LM_HEAD, ModelReader
 from workbench.checkpoint.tokenizer_vocab import token_strings
-from workbench.errors import ConfigError, IncompatibleModelsError
+from workbench.errors import ConfigError, IncompatibleModelsError, InvalidModelError
 
 ARCH_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "num_attention_heads",
              "num_key_value_heads", "intermediate_size", "vocab_size")
@@ -53,6 +54,10 @@ def check_compatible(models: dict[str, ModelReader], *, extended_vocab: str | No
         raise ConfigError(f"extended_vocab {extended_vocab!r} is not one of the models ({', '.join(labels)})")
     ref = next((label for label in labels if label != extended_vocab), labels[0])
     base = models[ref]
+    for label, model in models.items():
+        check_consistent(model, label)
+    if extended_vocab is not None and extended_vocab != ref:
+        _check_extension_proven(ref, base, extended_vocab, models[extended_vocab])
     diffs, warnings, extended_shapes = [], [], {}
     for label in labels:
         if label == ref:
@@ -141,18 +146,38 @@ def _dtype_differences(ref, base, label, model, strict) -> list[str]:
     return out
 
 
+def _check_extension_proven(ref, base, label, model):
+    """An extended vocabulary (DESIGN.md §4.6a) must be proven by the tokenizers: the extended model's has
+    more tokens, and its first V are the reference's. Without that proof the extra rows are refused."""
+    rows, own = _vocab_rows(base), _vocab_rows(model)
+    if rows is None or own is None or own <= rows:
+        return  # no extra rows: the shape comparison reports whatever differs
+    a, b = token_strings(base.path, rows), token_strings(model.path, own)
+    if a is None or b is None:
+        reason = f"{label if b is None else ref} has no readable tokenizer files"
+    elif len(b) <= len(a):
+        reason = f"the tokenizer of {label} has {len(b)} tokens, no more than the {len(a)} of {ref}"
+    else:
+        wrong = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if wrong is None:
+            return
+        reason = (f"its tokenizer differs from the one of {ref} at id {wrong} ({b[wrong]!r} vs {a[wrong]!r}), "
+                  f"so its first {len(a)} tokens are not those of {ref}")
+    raise InvalidModelError(
+        f"{label}: has {own} vocabulary rows where {ref} has {rows}, which can be merged only as an extended "
+        f"vocabulary, and nothing proves one: {reason}. Give {label} the tokenizer it was trained with (more "
+        f"than {rows} tokens, the first {rows} those of {ref}), or merge a model with {rows} vocabulary rows")
+
+
 def _tokenizer_differences(ref, base, label, model, extended) -> tuple[list[str], list[str]]:
-    a, b = token_strings(base.path), token_strings(model.path)
+    a, b = token_strings(base.path, _vocab_rows(base)), token_strings(model.path, _vocab_rows(model))
     if a is None or b is None:
         if (a is None) != (b is None):
             lacks = label if b is None else ref
             return [], [f"{lacks}: no readable tokenizer files, so the vocabularies were not compared"]
         return [], []
     if extended:
-        if len(b) <= len(a):
-            return [], [f"{label}: named as the extended-vocabulary model, but its tokenizer has {len(b)} "
-                        f"tokens and {ref!r}'s has {len(a)}"]
-        b = b[:len(a)]
+        b = b[:len(a)]  # the rest is the extension, proven by _check_extension_proven
     elif len(a) != len(b):
         return [f"{label}: tokenizer has {len(b)} tokens, {ref!r}'s has {len(a)}"], []
     wrong = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
@@ -162,6 +187,14 @@ def _tokenizer_differences(ref, base, label, model, extended) -> tuple[list[str]
     scope = f"the first {len(a)} tokens" if extended else "the vocabulary"
     return [f"{label}: tokenizer differs from {ref!r}'s in {scope}: {len(wrong)} token id(s) differ, "
             f"first id {i} ({b[i]!r} vs {a[i]!r})"], []
+
+
+def _vocab_rows(model: ModelReader) -> int | None:
+    """Rows of the input embedding (or of the LM head), the bound of every token id; None without either."""
+    for name in VOCAB_TENSORS:
+        if name in model and model.spec(name).shape:
+            return model.spec(name).shape[0]
+    return None
 
 
 def _vocab_size(model: ModelReader) -> int | None:

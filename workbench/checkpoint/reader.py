@@ -1,7 +1,6 @@
 """ModelReader: a lazy, memory-mapped view of a Hugging Face model directory, one tensor at a time."""
 import ctypes
 import hashlib
-import json
 import mmap
 import os
 import threading
@@ -13,6 +12,7 @@ import torch
 from workbench.checkpoint.safetensors_format import TensorSpec, read_header
 from workbench.checkpoint.weight_files import find_weight_files, load_pickle_checkpoint
 from workbench.errors import CheckpointError, UnsafeCheckpointError
+from workbench.user_files import read_json, regular_file_exists
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -238,12 +238,9 @@ class ModelReader:
 
 def _read_config(path: Path) -> dict:
     file = path / "config.json"
-    if not file.is_file():
+    if not regular_file_exists(file):
         return {}
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON: {e}") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return config
@@ -254,5 +251,4 @@ def _pickle_refusal(path, files) -> str:
     return (f"{path} holds only pickled weights ({names}): unpickling can execute arbitrary code, so "
             f"workbench reads only safetensors. Convert it once, in an environment you trust: load it with "
             f"torch.load(file, weights_only=True) or transformers' from_pretrained and save it with "
-            f"save_pretrained(out_dir, safe_serialization=True); or pass allow_pickle=True "
-            f"(--allow-pickle) to read it with torch.load(weights_only=True)")
+            f"save_pretrained(out_dir, safe_serialization=True), and use that folder instead")

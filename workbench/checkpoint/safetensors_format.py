@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import CheckpointError
+from workbench.user_files import open_regular, parse_json
 
 # The safetensors library refuses headers over 100 MB; a length beyond that is garbage, not a model.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -69,8 +70,8 @@ def read_header(path) -> tuple[list[TensorSpec], dict]:
     """
     path = Path(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; expected at least "
@@ -83,9 +84,10 @@ def read_header(path) -> tuple[list[TensorSpec], dict]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read safetensors file: {e.strerror or e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    header = parse_json(text, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object, "
                               f"got {type(header).__name__})")
@@ -104,7 +106,7 @@ def _parse_entry(path, name, entry, start, size) -> TensorSpec:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{where}: corrupt header entry (expected dtype, shape and data_offsets)")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in _DTYPES:
+    if not isinstance(code, str) or code not in _DTYPES:
         raise CheckpointError(f"{where}: unknown or unsupported dtype {code!r} "
                               f"(expected one of {', '.join(_DTYPES)})")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):

@@ -1,5 +1,4 @@
 """Which files of a model directory hold its weights, and the one guarded way to read a pickle."""
-import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,6 +6,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import CheckpointError, UnsafeCheckpointError
+from workbench.user_files import read_json, special_kind
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -14,6 +14,8 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Files a training run leaves beside the weights; they are pickles too, but not weights.
+# Every file of a model directory that workbench may read or copy: weights, config, tokenizer files.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".gguf", ".model", ".txt", ".jinja") + PICKLE_SUFFIXES
 NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt")
 
 
@@ -40,6 +42,7 @@ def find_weight_files(path) -> WeightFiles:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a Hugging Face model directory "
                               f"with config.json and model*.safetensors)")
+    _refuse_special_files(path)
     if (path / SAFETENSORS_INDEX).is_file():
         return _from_index(path / SAFETENSORS_INDEX, "safetensors")
     if (path / SAFETENSORS_SINGLE).is_file():
@@ -66,12 +69,19 @@ def find_weight_files(path) -> WeightFiles:
                           f"model-*-of-*.safetensors with {SAFETENSORS_INDEX})")
 
 
+def _refuse_special_files(path: Path):
+    """A FIFO or a device named like a model file would block or never end when read: refused unopened."""
+    for entry in path.iterdir():
+        if entry.name.endswith(MODEL_FILE_SUFFIXES):
+            kind = special_kind(entry)
+            if kind is not None:
+                raise CheckpointError(f"{entry}: is {kind}, not a regular file; expected the model's weights, "
+                                      f"config and tokenizer in regular files")
+
+
 def _from_index(index: Path, fmt: str) -> WeightFiles:
     """Shard files named by an index's weight_map, in order of their names; each must exist."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: cannot read the shard index: {e}") from None
+    data = read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: corrupt shard index (expected a \"weight_map\" of tensor name -> file)")
@@ -80,6 +90,9 @@ def _from_index(index: Path, fmt: str) -> WeightFiles:
         shard = index.parent / name
         if Path(name).name != name:
             raise CheckpointError(f"{index}: shard {name!r} is not a plain file name in the model directory")
+        kind = special_kind(shard)
+        if kind is not None:
+            raise CheckpointError(f"{shard}: is {kind}, not a regular file; expected a safetensors shard")
         if not shard.is_file():
             raise CheckpointError(f"{shard}: shard file listed in {index.name} is missing")
         files.append(shard)

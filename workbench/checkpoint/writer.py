@@ -3,6 +3,8 @@
 Everything is written into `<out_dir>.partial/` beside the final path and renamed into place by
 `finalize()`. A manifest of finished shards (`.manifest.json`, keyed by a hash of the shard headers) lets
 a rerun with the same plan resume where an interrupted one stopped; the bytes are the same either way.
+While it works the writer holds `<out_dir>.lock` (workbench/outputs.py), and it deletes only folders that
+carry the tool's marker: a `.partial` or `.replaced` folder of the user's own is refused, never emptied.
 """
 import hashlib
 import json
@@ -14,7 +16,9 @@ from pathlib import Path
 import torch
 
 from workbench.checkpoint.safetensors_format import code_from_dtype, layout, tensor_nbytes
-from workbench.errors import CheckpointError, ConfigError
+from workbench.errors import CheckpointError, ConfigError, OutputError
+from workbench.outputs import (MARKER, OutputLock, check_apart, check_removable, make_owned_dir, mark_owned,
+                               remove_owned, writer_paths)
 
 MANIFEST = ".manifest.json"
 SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -39,19 +43,23 @@ class ShardedWriter:
     own) and named as transformers names them. `metadata` (str -> str) goes into every shard header.
     `finalize()` copies config and tokenizer files from `source_dir`, writes `extra_files` ({name: str or
     bytes}, written last, so they may replace a copied config) and renames the directory into place.
-    An existing `out_dir` is an error unless `overwrite`.
+    An existing `out_dir` is an error unless `overwrite`, and then it must be a model folder (or empty).
 
     `resume_key` names what the output was computed from (recipe, input files): a rerun with another key
     starts fresh even when the plan is the same; it is not written into the shards, so equal tensors give
     equal bytes whatever produced them. `write(name, tensor, record)` may attach a small JSON-able record
     to a tensor (per-tensor report entries); records are saved with their shard and survive a resume:
     `records()` returns them all, in plan order.
+
+    The writer holds `<out_dir>.lock` from construction to `finalize()` or `close()`, unless given the
+    `lock` its caller already holds.
     """
 
     def __init__(self, out_dir, plan, *, max_shard_bytes=2 * 1024**3, source_dir=None, metadata=None,
-                 extra_files=None, overwrite=False, resume_key: str | None = None):
-        self.out_dir = Path(os.path.abspath(out_dir))
-        self.partial_dir = self.out_dir.with_name(self.out_dir.name + ".partial")
+                 extra_files=None, overwrite=False, resume_key: str | None = None, lock: OutputLock | None = None):
+        paths = writer_paths(out_dir)
+        self.out_dir, self.partial_dir = paths["output"], paths["temporary folder"]
+        self.replaced_dir = paths["replaced folder"]
         self.plan = _normalize_plan(plan)
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.extra_files = dict(extra_files or {})
@@ -60,25 +68,35 @@ class ShardedWriter:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise ValueError("safetensors metadata must map strings to strings")
-        self._check_out_dir()
-        if self.source_dir is not None and not self.source_dir.is_dir():
-            raise CheckpointError(f"source directory for config and tokenizer files not found: {self.source_dir}")
-        self.shards = _assign_shards(self.plan, max_shard_bytes, metadata)
-        self._check_extra_names()
-        self.plan_hash = _plan_hash(self.shards, resume_key)
-        self._records = {}  # shard file -> {name: record}, saved in the manifest with the shard
-        self._shard_of = {name: shard for shard in self.shards for name in shard.names}
-        self._spec = {name: (shape, dtype) for name, shape, dtype in self.plan}
-        self._finished = self._resume()
-        self._pending = [name for name, _, _ in self.plan if self._shard_of[name].file not in self._finished]
-        self._next = 0
+        if self.source_dir is not None:
+            check_apart(paths, {"config and tokenizer source": self.source_dir})
         self._open = None  # (shard, file object, tensors written so far)
-        self._digest, self._hashed = None, 0  # the open shard's sha256 so far, and how many bytes it covers
-        self._finalized = False
-        for shard in self.shards:  # a plan whose shards are all empty has nothing to wait for
-            if not shard.names and shard.file not in self._finished:
-                self._start(shard)
-                self._finish()
+        self._own_lock = lock is None  # a caller that locked the output earlier keeps its lock
+        self._lock = lock or OutputLock(paths["lock file"], f"output {self.out_dir}").acquire()
+        try:
+            self._check_out_dir()
+            check_removable(self.partial_dir)
+            if self.source_dir is not None and not self.source_dir.is_dir():
+                raise CheckpointError(f"source directory for config and tokenizer files not found: "
+                                      f"{self.source_dir}")
+            self.shards = _assign_shards(self.plan, max_shard_bytes, metadata)
+            self._check_extra_names()
+            self.plan_hash = _plan_hash(self.shards, resume_key)
+            self._records = {}  # shard file -> {name: record}, saved in the manifest with the shard
+            self._shard_of = {name: shard for shard in self.shards for name in shard.names}
+            self._spec = {name: (shape, dtype) for name, shape, dtype in self.plan}
+            self._finished = self._resume()
+            self._pending = [name for name, _, _ in self.plan if self._shard_of[name].file not in self._finished]
+            self._next = 0
+            self._digest, self._hashed = None, 0  # the open shard's sha256 so far, and how many bytes it covers
+            self._finalized = False
+            for shard in self.shards:  # a plan whose shards are all empty has nothing to wait for
+                if not shard.names and shard.file not in self._finished:
+                    self._start(shard)
+                    self._finish()
+        except BaseException:
+            self.close()
+            raise
 
     # ----- resuming
     def _resume(self) -> dict:
@@ -93,12 +111,13 @@ class ShardedWriter:
                         and _sha256(path) == entry.get("sha256")):
                     finished[shard.file] = entry["sha256"]
                     self._records[shard.file] = entry.get("records") or {}
-        elif self.partial_dir.exists():
-            _remove(self.partial_dir)  # another plan's leftovers (or no manifest): start fresh
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
-        for path in self.partial_dir.iterdir():  # unfinished shards, *.tmp, files of a died finalize()
-            if path.name not in finished and path.name != MANIFEST:
-                _remove(path)
+        elif os.path.lexists(self.partial_dir):
+            remove_owned(self.partial_dir)  # another plan's leftovers (or no manifest): start fresh
+        with _writing(self.partial_dir, "create"):
+            make_owned_dir(self.partial_dir)
+            for path in self.partial_dir.iterdir():  # unfinished shards, *.tmp, files of a died finalize()
+                if path.name not in finished and path.name not in (MANIFEST, MARKER):
+                    _remove(path)
         self._write_manifest(finished)
         return finished
 
@@ -137,8 +156,9 @@ class ShardedWriter:
         if data.numel():
             view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             offset = shard.offsets[name]
-            f.seek(offset)
-            f.write(view)
+            with _writing(self.partial_dir / (shard.file + ".tmp"), "write"):
+                f.seek(offset)
+                f.write(view)
             if offset == self._hashed:  # the file's next bytes: hash them now, not by reading them back
                 self._digest.update(view)
                 self._hashed += len(view)
@@ -152,8 +172,11 @@ class ShardedWriter:
     def _start(self, shard):
         """Open the shard's temporary file from its start and write the header computed from the plan."""
         self._records[shard.file] = {}  # a shard is rewritten from its start, records too
-        f = open(self.partial_dir / (shard.file + ".tmp"), "wb")
-        f.write(shard.header)
+        tmp = self.partial_dir / (shard.file + ".tmp")
+        with _writing(tmp, "write"):
+            f = open(tmp, "wb")
+            self._open = (shard, f, 0)
+            f.write(shard.header)
         # The shard's sha256 is taken as its bytes are written in file order (tensors of one item size are
         # laid out in plan order); whatever was written out of that order is read back at the end.
         self._digest = hashlib.sha256(shard.header)
@@ -163,14 +186,15 @@ class ShardedWriter:
     def _finish(self):
         """Flush and fsync the open shard, rename it to its final name and record it in the manifest."""
         shard, f, _ = self._open
-        f.truncate(shard.size)  # only grows the file, for a shard whose last tensors are empty
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        self._open = None
         tmp = self.partial_dir / (shard.file + ".tmp")
-        digest = _sha256(tmp, self._digest, self._hashed)
-        os.replace(tmp, self.partial_dir / shard.file)
+        with _writing(tmp, "write"):
+            f.truncate(shard.size)  # only grows the file, for a shard whose last tensors are empty
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._open = None
+            digest = _sha256(tmp, self._digest, self._hashed)
+            os.replace(tmp, self.partial_dir / shard.file)
         self._finished[shard.file] = digest
         self._write_manifest(self._finished)
 
@@ -188,7 +212,17 @@ class ShardedWriter:
         if self._next < len(self._pending):
             raise ValueError(f"finalize(): {len(self._pending) - self._next} tensor(s) not written yet, "
                              f"the next is {self._pending[self._next]!r}")
-        self._check_out_dir()
+        try:
+            self._check_out_dir()
+            with _writing(self.partial_dir, "write into"):
+                self._complete()
+                self._rename_into_place()
+        finally:
+            self.close()
+        self._finalized = True
+        return self.out_dir
+
+    def _complete(self):
         part = self.partial_dir
         if len(self.shards) > 1:
             weight_map = {name: shard.file for shard in self.shards for name in shard.names}
@@ -203,31 +237,48 @@ class ShardedWriter:
             _atomic_write(part / fname, content.encode("utf-8") if isinstance(content, str) else bytes(content))
         (part / MANIFEST).unlink()
         _fsync_dir(part)
-        self._rename_into_place()
-        self._finalized = True
-        return self.out_dir
 
     def _rename_into_place(self):
         out = self.out_dir
-        if not out.exists():
+        if not os.path.lexists(out):
             os.rename(self.partial_dir, out)
         else:
             # Rename the old one aside, the new one in, then delete the old: the final path is never partial.
-            aside = out.with_name(out.name + ".replaced")
-            _remove(aside)
+            aside = self.replaced_dir
+            remove_owned(aside)
             os.rename(out, aside)
+            mark_owned(aside)
             try:
                 os.rename(self.partial_dir, out)
             except OSError:
                 os.rename(aside, out)
+                (out / MARKER).unlink()
                 raise
-            _remove(aside)
+            remove_owned(aside)
+        (out / MARKER).unlink()  # after the rename: a crash before it leaves a marked, removable `.partial`
         _fsync_dir(out.parent)
 
     def _check_out_dir(self):
-        if self.out_dir.exists() and not self.overwrite:
-            raise ConfigError(f"output directory {self.out_dir} already exists: choose another, or pass "
+        """An existing output needs `overwrite`, and may then be only a folder of files with a model (or
+        nothing) in it: `--overwrite` replaces an earlier result, not a folder of other things."""
+        out = self.out_dir
+        if not os.path.lexists(out):
+            return
+        if not self.overwrite:
+            raise ConfigError(f"output directory {out} already exists: choose another, or pass "
                               f"overwrite=True (--overwrite) to replace it")
+        entries = list(out.iterdir()) if out.is_dir() and not out.is_symlink() else None
+        if entries is None:
+            raise ConfigError(f"{out} exists and is not a folder: overwrite replaces only a model folder that an "
+                              f"earlier run wrote; move or delete it yourself")
+        folders = [p.name for p in entries if p.is_dir() and not p.is_symlink()]
+        model = any(p.name == "config.json" or p.name.endswith(".safetensors") for p in entries)
+        if folders or (entries and not model):
+            what = f"holds folders ({', '.join(sorted(folders)[:3])})" if folders else \
+                "holds no model (no config.json or *.safetensors)"
+            raise ConfigError(f"{out} {what}: overwrite replaces only a model folder that an earlier run wrote; "
+                              f"move or delete it yourself, or choose another output")
+        check_removable(self.replaced_dir)
 
     def _check_extra_names(self):
         reserved = {shard.file for shard in self.shards} | {"model.safetensors.index.json", MANIFEST}
@@ -238,10 +289,35 @@ class ShardedWriter:
                 raise ValueError(f"extra file {fname!r} would replace a file the writer itself writes")
 
     def close(self):
-        """Close an open shard file without finalizing; a rerun with the same plan resumes."""
+        """Stop without finalizing: the open shard's temporary file goes (a rerun rewrites that shard from
+        its start anyway, and on a full disk it holds the space), finished shards stay for a rerun with the
+        same plan, and the lock is released."""
         if self._open is not None:
-            self._open[1].close()
+            shard, f, _ = self._open
             self._open = None
+            try:
+                f.close()
+            except OSError:
+                pass  # the bytes that could not be flushed belong to a file deleted now
+            (self.partial_dir / (shard.file + ".tmp")).unlink(missing_ok=True)
+        if self._own_lock:
+            self._lock.release()
+
+    def abandon(self, keep: bool = True) -> Path | None:
+        """After a failed run: `close()`, then delete the `.partial` folder unless `keep` and it holds a
+        finished shard that a rerun can resume from. Returns the folder when it is kept."""
+        self.close()
+        if keep and self._finished_count() and self.partial_dir.is_dir():
+            return self.partial_dir
+        if self.partial_dir.is_dir():
+            try:
+                remove_owned(self.partial_dir)
+            except (OSError, ConfigError):
+                return self.partial_dir
+        return None
+
+    def _finished_count(self) -> int:
+        return len(getattr(self, "_finished", {}))
 
     def __enter__(self):
         return self
@@ -310,7 +386,7 @@ def _plan_hash(shards, resume_key=None) -> str:
 def _read_manifest(path: Path):
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
         return None
@@ -329,11 +405,31 @@ def _sha256(path, digest=None, start=0) -> str:
 
 def _atomic_write(path: Path, data: bytes):
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing(tmp, "write"):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not stay full of a half-written file
+            raise
+
+
+class _writing:
+    """Turn an OSError (disk full, read-only folder, ...) into an OutputError naming the path."""
+
+    def __init__(self, path, action: str):
+        self.path, self.action = path, action
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError):
+            raise OutputError(f"{self.path}: cannot {self.action}: {error.strerror or error}") from error
+        return False
 
 
 def _remove(path: Path):

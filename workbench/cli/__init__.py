@@ -4,11 +4,15 @@ Exit codes: 0 success, 2 bad usage or config, 1 runtime failure. Errors print as
 shows the traceback.
 """
 import argparse
+import errno
 import importlib
 import sys
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
+
+# errno values that are the file system's verdict, not a bug (disk full, quota, read-only, permissions).
+_IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 COMMANDS = {
     "adapt": "run the whole pipeline for a language: corpus, CT, experts, merges, evaluation, report",
@@ -58,22 +62,40 @@ def main(argv=None) -> int:
     except WorkbenchError as e:
         if debug:
             raise
-        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+        print(f"workbench {args.command}: error: {e}{_notes(e)}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `workbench languages | head`: the reader left; nothing to report
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"\nworkbench {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nworkbench {args.command}: interrupted; rerun the same command to resume{_notes(e)}",
+              file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused (full disk, read-only folder, ...): the path and the reason
+        if debug or not (e.filename or e.errno in _IO_ERRNOS):
+            if debug:
+                raise
+            return _internal(args.command, e)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"workbench {args.command}: error: {where}{e.strerror or e}{_notes(e)}", file=sys.stderr)
+        return 1
     except Exception as e:  # an unexpected failure: still one line unless --debug
         if debug:
             raise
-        print(f"workbench {args.command}: internal error: {type(e).__name__}: {e} "
-              f"(rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return _internal(args.command, e)
+
+
+def _internal(command, e) -> int:
+    print(f"workbench {command}: internal error: {type(e).__name__}: {e}{_notes(e)} "
+          f"(rerun with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
+def _notes(e) -> str:
+    """Notes a layer added on the way up (e.g. which `.partial` folder was kept), on the same line."""
+    return "".join(f"; {note}" for note in getattr(e, "__notes__", ()))
 
 
 if __name__ == "__main__":

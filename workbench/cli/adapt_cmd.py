@@ -36,6 +36,7 @@ def add_arguments(parser):
 
 def run(args):
     from workbench.cli.common import load_config
+    from workbench.outputs import check_apart
     from workbench.pipelines.adapt import build_graph
     from workbench.pipelines.stage import force_rerun
 
@@ -51,6 +52,7 @@ def run(args):
         print(loaded.profile.description.strip())
         print("\n".join(graph.plan_lines()))
         return 0
+    check_apart({"run directory": run_dir}, loaded.local_inputs(), option="--run-dir")
     print(head)
     _quiet_library_progress()
     started = time.perf_counter()

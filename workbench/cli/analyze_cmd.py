@@ -33,8 +33,10 @@ def run(args):
     from workbench.errors import ConfigError
     from workbench.merge.layer_swap import plan_layer_swap
     from workbench.merge.recipe import LayerSwap
+    from workbench.outputs import check_apart
 
     experts = _labelled(args.experts)
+    check_apart({"analysis folder": Path(args.out)}, {"base": args.base, **experts})
     profiles = analyze_models(args.base, experts)
     suggestion = None
     labels = list(experts)

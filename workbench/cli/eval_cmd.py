@@ -78,10 +78,13 @@ def run(args):
     from transformers.utils import logging as hf_logging
 
     from workbench.config.language import EvalConfig
+    from workbench.outputs import check_apart
     from workbench.pipelines.evaluate import evaluate_models, read_documents, tasks_from_config
 
     hf_logging.disable_progress_bar()  # one progress line per task instead
     models = model_arguments(args.models)
+    files = {"--mgsm": args.mgsm, "--heldout": args.heldout}
+    check_apart({"evaluation folder": Path(args.out)}, {**models, **{k: v for k, v in files.items() if v}})
     if args.lang:
         args.overrides = list(args.overrides) + _overrides(args)
         loaded = load_config(args)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from workbench.cli.common import add_config_arguments, load_config
 from workbench.errors import ConfigError
+from workbench.outputs import check_apart
 
 
 def add_arguments(parser):
@@ -63,6 +64,8 @@ def run(args):
     if args.lang:
         loaded = load_config(args)
         run_dir = Path(args.run_dir or "runs")
+        if not args.dry_run:
+            check_apart({"run directory": run_dir}, loaded.local_inputs(), option="--run-dir")
         result = fetch_profile(loaded, run_dir, dry_run=args.dry_run)
         if args.dry_run:
             _print_plan(result["plan"])
@@ -79,6 +82,10 @@ def run(args):
     if args.dry_run:
         _print_plan({text: {"source": src.label(), **plan(src, Path.cwd())} for text, src in sources.items()})
         return 0
+    if args.run_dir:
+        local = {text: Path(src.path or src.gguf) for text, src in sources.items() if src.path or
+                 (src.gguf and not src.package)}
+        check_apart({"run directory": Path(args.run_dir)}, local, option="--run-dir")
     records = {src.label(): fetch_model(src, base_dir=Path.cwd()) for src in sources.values()}
     if args.run_dir:
         update_manifest(args.run_dir, models=records)

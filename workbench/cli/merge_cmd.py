@@ -19,31 +19,40 @@ def add_arguments(parser):
                         help="where the kernels run (default: the recipe's, else cuda when available)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="merge inputs holding NaN/Inf (non-finite deltas count as 0) instead of stopping")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory (a model "
+                        "folder an earlier run wrote; never one holding an input)")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="e.g. 500MB, 2GB (default 2GB)")
 
 
 def parse_size(text: str) -> int:
+    """Bytes in a size such as 500MB or 2GB: at least one byte, at most 1 PB."""
+    import math
+
     from workbench.errors import ConfigError
 
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
     t = text.strip().upper()
     for unit, factor in units.items():
         if t.endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * factor)
+                value = float(t[: -len(unit)]) * factor
             except ValueError:
                 break
-    raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 500MB or 2GB")
+            if math.isfinite(value) and 1 <= value <= 1024**5:
+                return int(value)
+            break
+    raise ConfigError(f"--max-shard-size {text!r}: expected a size of at least 1B such as 500MB or 2GB")
 
 
 def run(args):
     from workbench.merge.engine import load_recipe, resolve_paths, run_merge
 
+    max_shard_bytes = parse_size(args.max_shard_size)
     recipe, base_dir = load_recipe(args.recipe)
     models = resolve_paths(recipe, base_dir, source=args.recipe)
     result = run_merge(recipe, models, args.out, device=args.device, allow_nonfinite=args.allow_nonfinite,
-                       overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size), source=args.recipe)
+                       overwrite=args.overwrite, max_shard_bytes=max_shard_bytes, source=args.recipe,
+                       protected={"recipe": args.recipe})
     report = result.report
     print(f"merged ({report['method']}) {report['output']['tensors']} tensors in {result.seconds:.1f} s "
           f"on {report['device']}, {report['kernels']} -> {result.out_dir}")

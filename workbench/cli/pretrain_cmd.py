@@ -7,7 +7,10 @@ whose language expert is instruction SFT (`language_expert.sft`) runs that inste
 The same command runs under accelerate (DDP; on a machine without GPUs the processes form a CPU gloo group):
   accelerate launch --multi_gpu --num_processes 2 -m workbench pretrain --lang sw --base DIR
 """
+from pathlib import Path
+
 from workbench.cli.common import add_config_arguments, load_config
+from workbench.outputs import check_apart
 
 
 def add_arguments(parser):
@@ -23,6 +26,8 @@ def run(args):
     from workbench.pipelines.training import expert_model_dir, is_main_process
 
     loaded = load_config(args, fast=args.fast)
+    inputs = {**loaded.local_inputs(), **({"--base": args.base} if args.base else {})}
+    check_apart({"run directory": Path(args.run_dir)}, inputs, option="--run-dir")
     base = resolve_base_model(loaded, args.run_dir, override=args.base)
     stage = run_language_expert(loaded, base, args.run_dir)
     if is_main_process():

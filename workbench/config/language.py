@@ -5,6 +5,7 @@ the language expert (continual pretraining, or fetched), the task experts (fetch
 recipes and the evaluation. Stages read only their own section, so a stage's cache key is the hash of
 its section plus the outputs it consumes.
 """
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -12,6 +13,21 @@ from workbench.config.schema import Where, exactly_one, number, option
 from workbench.merge.recipe import MergeRecipe
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_HUB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,96}")
+
+
+def hub_id_problem(text: str, owner_required: bool = True) -> str | None:
+    """What is wrong with a Hugging Face Hub id (the hub's own rules: OWNER/NAME, each 1-96 letters, digits,
+    '-', '_' or '.', neither starting nor ending with '-' or '.', no '--' or '..'), or None."""
+    parts = text.split("/")
+    if len(parts) > 2 or (owner_required and len(parts) != 2):
+        return "expected OWNER/NAME" if owner_required else "expected NAME or OWNER/NAME"
+    for part in parts:
+        if not _HUB_NAME.fullmatch(part) or part[0] in "-." or part[-1] in "-." or "--" in part or ".." in part:
+            shown = part if len(part) <= 100 else f"{part[:40]}...({len(part)} characters)"
+            return (f"{shown!r} is not a hub name (1 to 96 letters, digits, '-', '_' or '.', not starting or "
+                    f"ending with '-' or '.', without '--' or '..')")
+    return None
 
 
 @dataclass(kw_only=True)
@@ -33,6 +49,9 @@ class DataSource:
 
     def validate(self, where: Where):
         exactly_one(self, ("path", "hub"), where)
+        problem = hub_id_problem(self.hub, owner_required=False) if self.hub is not None else None
+        if problem:
+            raise (where / "hub").error(f"{problem}, got {self.hub!r}")
 
 
 @dataclass(kw_only=True)
@@ -40,7 +59,7 @@ class ModelSource:
     """A model: hub id + revision, a local directory, or a GGUF file (local, or carried by a Python package)."""
 
     hub: Optional[str] = option(None, doc="model id on the Hugging Face Hub")
-    revision: str = option("main", doc="branch, tag or commit of the hub repository")
+    revision: str = option("main", nonempty=True, doc="branch, tag or commit of the hub repository")
     path: Optional[str] = option(None, doc="local model directory (relative to the YAML or absolute)")
     gguf: Optional[str] = option(None, doc="a .gguf file: a local path, or a file inside `package`")
     package: Optional[str] = option(None, doc="Python package (import name) that carries the gguf file")
@@ -51,6 +70,9 @@ class ModelSource:
 
     def validate(self, where: Where):
         exactly_one(self, ("hub", "path", "gguf"), where)
+        problem = hub_id_problem(self.hub) if self.hub is not None else None
+        if problem:
+            raise (where / "hub").error(f"{problem}, got {self.hub!r}")
         if self.package is not None and self.gguf is None:
             raise (where / "package").error("a package carries a gguf file; expected the key gguf too")
 
@@ -94,7 +116,7 @@ class ReplayConfig:
 @dataclass(kw_only=True)
 class CorpusConfig:
     sources: list[str] = option(nonempty=True, doc="names from the language's sources")
-    max_tokens: Optional[int] = number(None, lo=1, doc="token budget of the target-language text")
+    max_tokens: Optional[int] = number(None, lo=1, hi=10**13, doc="token budget of the target-language text")
     min_chars: int = number(20, lo=0, doc="shorter documents are dropped")
     dedup: bool = option(True, doc="exact deduplication by hash")
     heldout_fraction: float = number(0.05, lo=0, hi=0.5, lo_open=True, doc="documents kept aside for perplexity")
@@ -129,13 +151,13 @@ class TrainConfig:
 
     method: Literal["lora", "full"] = option("lora")
     lora: LoraSettings = option(default_factory=LoraSettings)
-    learning_rate: float = number(2e-4, lo=0, lo_open=True)
+    learning_rate: float = number(2e-4, lo=0, hi=1, lo_open=True)
     max_steps: int = number(100, lo=1)
     batch_size: int = number(8, lo=1, doc="sequences per device per step")
     grad_accum: int = number(1, lo=1)
     warmup_ratio: float = number(0.05, lo=0, hi=1, hi_open=True)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine")
-    weight_decay: float = number(0.0, lo=0)
+    weight_decay: float = number(0.0, lo=0, hi=1)
     max_grad_norm: float = number(1.0, lo=0, lo_open=True)
     gradient_checkpointing: bool = option(False)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", doc="auto: bf16 on GPU, fp32 on CPU")

@@ -10,6 +10,7 @@ import yaml
 from workbench.config.language import LanguageConfig, Profile
 from workbench.config.schema import Where, parse
 from workbench.errors import ConfigError
+from workbench.user_files import read_text, refuse_special
 
 
 def shipped_languages_dir() -> Path:
@@ -34,6 +35,7 @@ def resolve_language_file(lang: str) -> Path:
     """A language code (`sw`) or the path of the user's own YAML file."""
     if lang.endswith((".yaml", ".yml")) or "/" in lang or Path(lang).is_file():
         path = Path(lang)
+        refuse_special(path, ConfigError)
         if not path.is_file():
             raise ConfigError(f"{lang}: no such config file; expected a YAML file or one of the language codes: "
                               f"{', '.join(available_languages())}")
@@ -45,17 +47,57 @@ def resolve_language_file(lang: str) -> Path:
     return shipped[lang]
 
 
+# A config, recipe or --set value holds hundreds of values; aliases (`*name` repeating what `&name` holds)
+# may reuse blocks, but not expand 1 KB into billions of values that every later walk would visit.
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml(path: Path, source: str):
+    return load_yaml_text(read_text(path, ConfigError), source)
+
+
+def load_yaml_text(text: str, source: str):
+    """`yaml.safe_load` whose result is bounded: at most MAX_YAML_VALUES values once aliases are expanded,
+    no alias inside its own anchor, no nesting past the parser's recursion limit."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
-    try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{source}: {where}not valid YAML ({getattr(e, 'problem', e)})") from None
+    _check_expanded_size(data, source)
+    return data
+
+
+def _check_expanded_size(data, source: str):
+    """Count the values `data` holds with every alias expanded, each shared node counted once per use but
+    visited once (so a bomb is measured in the time its anchors take to read)."""
+    sizes, open_nodes = {}, set()
+
+    def size(node) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{source}: an alias refers to the value that holds it (a cycle); expected "
+                              f"plain nested values")
+        open_nodes.add(key)
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases "
+                                  f"`*name` repeat what an anchor `&name` holds); expected a config of "
+                                  f"ordinary size")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data)
 
 
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -99,8 +141,9 @@ def parse_override(text: str):
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    _check_expanded_size(value, f"--set {text!r}")
     return key.strip(), value
 
 
@@ -122,6 +165,35 @@ class LoadedConfig:
     def base_dir(self) -> Path:
         """Relative paths in the config are relative to the YAML's folder."""
         return self.file.resolve().parent
+
+    def local_inputs(self) -> dict[str, Path]:
+        """Every local file or folder this profile reads, by its key ({"sources.text.path": Path, ...}),
+        with the config file itself: what a run directory must keep clear of."""
+        found = {"the config file": self.file}
+        profile = self.profile
+
+        def add(key, path):
+            if path:
+                local = Path(path).expanduser()
+                found[key] = local if local.is_absolute() else self.base_dir / local
+
+        for name, src in self.language.sources.items():
+            add(f"sources.{name}.path", src.path)
+        models = [("base", profile.base), ("language_expert.fetch", profile.language_expert.fetch)]
+        models += [(f"experts.{name}.fetch", expert.fetch) for name, expert in profile.experts.items()]
+        for key, src in models:
+            if src is not None:
+                add(f"{key}.path", src.path)
+                add(f"{key}.gguf", None if src.package else src.gguf)
+        sfts = [("language_expert.sft", profile.language_expert.sft)]
+        sfts += [(f"experts.{name}.sft", expert.sft) for name, expert in profile.experts.items()]
+        for key, sft in sfts:
+            if sft is not None:
+                add(f"{key}.data.path", sft.data.path)
+        if profile.eval.mgsm is not None:
+            add("eval.mgsm.path", profile.eval.mgsm.path)
+        return {f"profiles.{self.profile_name}.{k}" if not k.startswith(("sources", "the ")) else k: v
+                for k, v in found.items()}
 
 
 def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=False) -> LoadedConfig:

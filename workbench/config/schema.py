@@ -5,6 +5,7 @@ Every error names the file, the dotted key path, the value and what was expected
 """
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -28,9 +29,15 @@ class Where:
         return ConfigError(f"{self.source}: {key + ': ' if key else ''}{message}")
 
 
-def number(default=MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, doc=""):
-    """A numeric field with an allowed range; `lo_open`/`hi_open` exclude that end."""
-    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open), "doc": doc})
+# Integers beyond 32 bits are never a count, size, step or seed a run can use, and they overflow the
+# libraries that take them (numpy seeds, torch sizes); an integer field without its own bounds keeps to these.
+INT_LIMIT = 2**31 - 1
+
+
+def number(default=MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, key=None, doc=""):
+    """A numeric field with an allowed range; `lo_open`/`hi_open` exclude that end. Every number must be
+    finite; an integer without `lo`/`hi` lies within ±INT_LIMIT. `key` as in `option`."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open), "doc": doc, "key": key})
 
 
 def option(default=MISSING, *, key=None, doc="", nonempty=False, default_factory=MISSING):
@@ -73,16 +80,35 @@ def _range_text(lo, hi, lo_open, hi_open) -> str:
         return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     if lo is not None:
         return f"{'>' if lo_open else '>='} {lo:g}"
-    return f"{'<' if hi_open else '<='} {hi:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
 
 
-def _check_range(value, rng, tp, where):
+def _expected_number(tp, rng) -> str:
+    text = _range_text(*rng)
+    if tp is int:
+        return "an integer" + (" " + text if text else "")
+    return "a number " + text if text else "a finite number"
+
+
+def _parse_number(tp, value, where, meta):
+    rng = meta.get("range") or (None, None, False, False)
+    if isinstance(value, bool) or not isinstance(value, int if tp is int else (int, float)):
+        raise where.error(f"expected {_expected_number(tp, rng)}, got {value!r}")
+    try:
+        number = tp(value)
+    except OverflowError:  # an integer literal too large for a float (`weight: 1000...0`)
+        number = math.inf
     lo, hi, lo_open, hi_open = rng
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
-          (hi is not None and (value >= hi if hi_open else value > hi))
-    if bad:
-        kind = "an integer" if tp is int else "a number"
-        raise where.error(f"expected {kind} {_range_text(lo, hi, lo_open, hi_open)}, got {value!r}")
+    if not math.isfinite(number) or (lo is not None and (number <= lo if lo_open else number < lo)) or \
+            (hi is not None and (number >= hi if hi_open else number > hi)):
+        raise where.error(f"expected {_expected_number(tp, rng)}, got {value!r}")
+    if tp is int and ((hi is None and number > INT_LIMIT) or (lo is None and number < -INT_LIMIT)):
+        bound = f"at most {INT_LIMIT}" if number > 0 else f"at least {-INT_LIMIT}"
+        raise where.error(f"expected {_expected_number(tp, rng)}{' and ' if lo is not None or hi is not None else ' '}"
+                          f"{bound}, got {value!r}")
+    return number
 
 
 def parse(tp, value, where: Where, meta=None):
@@ -114,13 +140,7 @@ def parse(tp, value, where: Where, meta=None):
             raise where.error(f"expected true or false, got {value!r}")
         return value
     if tp in (int, float):
-        ok = isinstance(value, int) if tp is int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            raise where.error(f"expected {_describe(tp)}"
-                              f"{' ' + _range_text(*meta['range']) if meta.get('range') else ''}, got {value!r}")
-        if meta.get("range"):
-            _check_range(value, meta["range"], tp, where)
-        return tp(value)
+        return _parse_number(tp, value, where, meta)
     if tp is str:
         if not isinstance(value, str):
             raise where.error(f"expected a string, got {value!r}")

@@ -56,7 +56,7 @@ def load_mgsm_hub(dataset: str, config: str | None, split: str = "test") -> list
     except (ConnectionError, OSError) as e:
         raise HubUnavailableError(
             f"cannot load the data set {name} from the Hugging Face Hub ({type(e).__name__}): point at a local "
-            f"question<TAB>answer file instead (eval.mgsm.path in the language YAML, or --mgsm FILE)") from None
+            f"question<TAB>answer file instead (eval.mgsm.path in the language YAML, or `workbench eval --mgsm FILE`)") from None
     missing = {"question", "answer_number"} - set(rows.column_names)
     if missing:
         raise DataError(f"{name} [{split}]: expected the columns question and answer_number, "

@@ -5,7 +5,8 @@ its file, released as soon as its output is written. On CPU every output is comp
 buffer (writing over a map's pages would copy each page on first write: measured 4x slower for task
 arithmetic); on GPU the output may be written over the base's device copy.
 An interrupted merge resumes from its last finished shard; the output directory appears only when
-complete (the writer renames it into place).
+complete (the writer renames it into place). The output never touches an input, and one merge at a time
+writes it (workbench/outputs.py); a failed merge leaves a `.partial` only when a rerun can resume from it.
 """
 import sys
 import time
@@ -20,7 +21,7 @@ from workbench import __version__
 from workbench.analysis import expert_delta_stats, extended_label, layer_profile
 from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
 from workbench.config.schema import Where, parse, to_dict
-from workbench.errors import ConfigError, NonFiniteError
+from workbench.errors import CheckpointError, ConfigError, NonFiniteError
 from workbench.kernels.cpu_native import count_nonfinite
 from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.topk_threshold import topk_thresholds_multi
@@ -28,9 +29,14 @@ from workbench.merge.card import build_report, render_card
 from workbench.merge.methods import TensorMerge, merge_tensor
 from workbench.merge.plan import build_plan
 from workbench.merge.recipe import MergeRecipe
+from workbench.outputs import OutputLock, check_apart, writer_paths
 from workbench.provenance import file_identity, fingerprint
+from workbench.user_files import refuse_special
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Failures whose fix changes what the merge is computed from (the input files, or allow_nonfinite), so the
+# rerun's resume key differs and the finished shards of this run could never be used.
+_UNRESUMABLE = (NonFiniteError, CheckpointError)
 
 
 @dataclass
@@ -45,6 +51,7 @@ def load_recipe(path) -> tuple[MergeRecipe, Path]:
     from workbench.config.loader import read_yaml
 
     path = Path(path)
+    refuse_special(path, ConfigError)
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe file")
     raw = read_yaml(path, str(path))
@@ -66,7 +73,8 @@ def _pick_device(requested):
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but no CUDA device is available; use --device cpu")
+        raise ConfigError("device 'cuda' was asked for (by the recipe's device key, or workbench merge --device), "
+                          "but no CUDA device is available; expected device cpu or auto")
     return torch.device(requested)
 
 
@@ -133,9 +141,12 @@ class _Scratch:
 class _Executor:
     """Compute one output tensor from its op and input tensors."""
 
-    def __init__(self, plan, thresholds: dict, allow_nonfinite: bool, seed: int, device: torch.device):
+    def __init__(self, plan, thresholds: dict, allow_nonfinite: bool, seed: int, device: torch.device,
+                 nonfinite_option: str | None = "--allow-nonfinite"):
         self.plan, self.thresholds = plan, thresholds
         self.allow_nonfinite, self.seed = allow_nonfinite, seed
+        self.fix = "fix the model" + (f", or pass {nonfinite_option} to merge anyway (non-finite deltas count "
+                                      f"as 0)" if nonfinite_option else "")
         self.scratch = _Scratch(device)
         self.inplace = device.type != "cpu"  # a device copy of the base may become the output
 
@@ -146,8 +157,7 @@ class _Executor:
     def check_finite(self, op, ref, tensor):
         bad = count_nonfinite(tensor)
         if bad and not self.allow_nonfinite:
-            raise NonFiniteError(f"tensor {op.name} of model {ref}: {bad} NaN/Inf value(s); fix the model, or pass "
-                                 f"--allow-nonfinite to merge anyway (non-finite deltas count as 0)")
+            raise NonFiniteError(f"tensor {op.name} of model {ref}: {bad} NaN/Inf value(s); {self.fix}")
         return bad
 
     def compute(self, op, inputs: dict) -> tuple[torch.Tensor, dict]:
@@ -207,8 +217,7 @@ class _Executor:
         if any(info.nonfinite) and not self.allow_nonfinite:
             which = ", ".join(f"{e.model} ({n})" for e, n in zip(recipe.models, info.nonfinite) if n)
             raise NonFiniteError(f"tensor {op.name}: NaN/Inf in the delta of {which} (in the expert or in the base "
-                                 f"{recipe.base}); fix the model, or pass --allow-nonfinite to merge anyway "
-                                 f"(non-finite deltas count as 0)")
+                                 f"{recipe.base}); {self.fix}")
         return self._assemble(op, inputs, result), info.as_record()
 
 
@@ -246,15 +255,30 @@ def _auto_profiles(recipe, readers, names, progress) -> dict | None:
 
 
 def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_nonfinite=False, overwrite=False,
-              max_shard_bytes=DEFAULT_SHARD_BYTES, progress=True, source="recipe") -> MergeResult:
-    """Merge `models` ({reference in the recipe: model directory}) by `recipe` into `out_dir`."""
+              max_shard_bytes=DEFAULT_SHARD_BYTES, progress=True, source="recipe", protected=None,
+              nonfinite_option="--allow-nonfinite") -> MergeResult:
+    """Merge `models` ({reference in the recipe: model directory}) by `recipe` into `out_dir`.
+
+    `protected` ({label: path}) names more inputs the output must stay apart from (the recipe file);
+    `nonfinite_option` is the caller's switch for allow_nonfinite, named in errors (None: there is none).
+    """
     started = time.perf_counter()
     missing = [ref for ref in recipe.references() if ref not in models]
     if missing:
         raise ConfigError(f"{source}: no model directory for {', '.join(map(repr, missing))}")
+    paths = writer_paths(out_dir)
+    check_apart(paths, {**{ref: models[ref] for ref in recipe.references()}, **(protected or {})})
     device = _pick_device(device or recipe.device)
+    with OutputLock(paths["lock file"], f"output {paths['output']}") as lock:
+        return _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, max_shard_bytes,
+                             progress, nonfinite_option, started, lock)
+
+
+def _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, max_shard_bytes, progress,
+                  nonfinite_option, started, lock) -> MergeResult:
     readers = {ref: ModelReader(models[ref]) for ref in recipe.references()}
     inputs = _Inputs(readers, device)
+    writer = None
     try:
         compat = check_compatible(readers, extended_vocab=extended_label(readers))
         dtypes = {ref: {n: r.spec(n).dtype for n in r.names} for ref, r in readers.items()}
@@ -266,10 +290,10 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
                                   "version": __version__}, length=32)
         writer = ShardedWriter(out_dir, [(op.name, op.shape, op.dtype) for op in plan.ops],
                                max_shard_bytes=max_shard_bytes, source_dir=models[plan.config_source],
-                               resume_key=resume_key, overwrite=overwrite)
+                               resume_key=resume_key, overwrite=overwrite, lock=lock)
         ops = {op.name: op for op in plan.ops}
         pending = [ops[name] for name in writer.pending()]
-        executor = _Executor(plan, thresholds, allow_nonfinite, recipe.seed, device)
+        executor = _Executor(plan, thresholds, allow_nonfinite, recipe.seed, device, nonfinite_option)
         _stream(pending, inputs, executor, writer, recipe, progress)
         elapsed = time.perf_counter() - started
         report = build_report(recipe, models, readers, plan, compat, writer.records(), thresholds,
@@ -279,6 +303,13 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
             writer.extra_files["config.json"] = _config_with_dtype(models[plan.config_source], recipe.dtype)
         out = writer.finalize()
         return MergeResult(out_dir=out, report=report, seconds=time.perf_counter() - started)
+    except BaseException as error:
+        if writer is not None:
+            kept = writer.abandon(keep=not isinstance(error, _UNRESUMABLE))
+            if kept is not None:
+                error.add_note(f"the finished shards are kept in {kept}: rerun the same command to resume, "
+                               f"or delete it")
+        raise
     finally:
         inputs.close()
         for reader in readers.values():

@@ -92,6 +92,9 @@ def plan_layer_swap(cfg, num_layers: int, rel_language=None, rel_task=None, wher
     `rel_language`/`rel_task` are per-layer relative changes ‖δ‖/‖θ_b‖ (needed only for `auto`).
     """
     z = cfg.transition
+    if z >= num_layers:  # checked first: a ramp longer than the model never fits, and z would size loops
+        raise ConfigError(f"{where}.transition: expected fewer transition layers than the model's {num_layers} "
+                          f"layers, got {z}")
     chosen, notes = {}, []
     default_b, default_t = default_blocks(num_layers)
     auto_b = auto_t = None

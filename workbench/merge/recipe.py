@@ -22,6 +22,9 @@ PAPERS = {
                   "in Large Language Models (arXiv:2410.01335)",
 }
 TRIMMED = ("ties", "ties_sv", "dare_ties")
+# Bound of |w_t| and |λ|: merges use scales near 1; beyond 100 a value is a slip (1e2 for 1e-2) that turns
+# the output into noise or, at 1e308, into Inf (λ·w·δ stays finite even in float16 for |δ| below 6).
+MAX_SCALE = 100.0
 
 
 @dataclass(kw_only=True)
@@ -29,7 +32,7 @@ class ModelEntry:
     """One expert in a merge with its weight, density (top-k share kept) and slack (TIES-SV)."""
 
     model: str = option(nonempty=True, doc="model directory, or a role in a profile")
-    weight: float = number(1.0, doc="w_t")
+    weight: float = number(1.0, lo=-MAX_SCALE, hi=MAX_SCALE, doc="w_t")
     density: float = number(1.0, lo=0, hi=1, lo_open=True, doc="k_t: share of |delta| kept by the trim")
     slack: float = number(0.0, lo=0, hi=1, doc="s_t: extra share admitted as a second chance (TIES-SV)")
 
@@ -71,7 +74,7 @@ class MergeRecipe:
     method: Method = option()
     base: Optional[str] = option(None, doc="θ_b: the model every delta is taken from")
     models: list[ModelEntry] = option(default_factory=list)
-    lam: float = option(1.0, key="lambda", doc="λ: scale of the merged delta")
+    lam: float = number(1.0, lo=-MAX_SCALE, hi=MAX_SCALE, key="lambda", doc="λ: scale of the merged delta")
     normalize: bool = option(True, doc="disjoint mean (true) or plain sum (false) of the agreeing deltas")
     consensus: Literal["sum", "count"] = option("sum", doc="sign election by weighted sum or by count")
     scope: Literal["tensor", "model"] = option("tensor", doc="rank |delta| per tensor or over the whole model")
