@@ -1,15 +1,18 @@
-"""Find, read and validate language configs; apply command-line overrides and the --fast variant."""
+"""Find, read and validate language configs: resolve each profile's `extends`, apply command-line overrides and
+the --fast variant."""
 import copy
+import difflib
 import importlib.resources
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from workbench.config.inheritance import EXTENDS, forget_below, overlay, own_origins
 from workbench.config.language import LanguageConfig, Profile
-from workbench.config.schema import Where, parse
-from workbench.errors import ConfigError
+from workbench.config.schema import Origin, Where, parse
+from workbench.errors import ConfigError, format_path
 
 
 def shipped_languages_dir() -> Path:
@@ -22,11 +25,17 @@ def available_languages() -> dict[str, Path]:
     return {p.stem: p for p in sorted(shipped_languages_dir().glob("*.yaml"))}
 
 
+def shared_profiles() -> dict[str, Path]:
+    """Shared profile name -> its YAML file (`languages/profiles/<name>.yaml`), what `extends: <name>` names."""
+    return {p.stem: p for p in sorted((shipped_languages_dir() / "profiles").glob("*.yaml"))}
+
+
 def display_name(path: Path) -> str:
-    """`languages/sw.yaml` for a shipped file, the path as given otherwise."""
+    """`languages/sw.yaml` (or `languages/profiles/micro.yaml`) for a shipped file, the path as given otherwise."""
     path = Path(path)
-    if path.parent.resolve() == shipped_languages_dir().resolve():
-        return f"languages/{path.name}"
+    root = shipped_languages_dir().resolve()
+    if path.resolve().is_relative_to(root):
+        return "languages/" + path.resolve().relative_to(root).as_posix()
     return str(path)
 
 
@@ -56,6 +65,48 @@ def read_yaml(path: Path, source: str):
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{source}: {where}not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def extends_target(value, file: Path, where: Where) -> Path:
+    """The file `extends: value` names: a shared profile by name, or a YAML file relative to `file`'s folder."""
+    shared = shared_profiles()
+    expected = f"the name of a shared profile ({', '.join(shared)}) or the path of a profile YAML file"
+    if not isinstance(value, str) or not value.strip():
+        raise where.error(f"expected {expected}, got {value!r}")
+    if value.endswith((".yaml", ".yml")) or "/" in value:
+        target = Path(file).resolve().parent / value
+        if not target.is_file():
+            raise where.error(f"no such file {target}; expected {expected}")
+        return target
+    if value not in shared:
+        close = difflib.get_close_matches(value, shared, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise where.error(f"no shared profile {value!r}{hint}; expected {expected}")
+    return shared[value]
+
+
+def resolve_extends(tree, file: Path, source: str, at: tuple = (), chain: tuple = ()):
+    """The profile `tree` (at key path `at` in `file`) laid over what it extends, recursively ->
+    (tree, {key path: Origin of an inherited value, or None}, [the files it extends, nearest first])."""
+    if not isinstance(tree, dict) or EXTENDS not in tree:
+        return tree, {}, []
+    own = {k: v for k, v in tree.items() if k != EXTENDS}
+    where = Where(source, at + (EXTENDS,))
+    target = extends_target(tree[EXTENDS], file, where)
+    parent_source = display_name(target)
+    seen = chain + (Path(file).resolve(),)
+    if target.resolve() in seen:
+        loop = " -> ".join(display_name(p) for p in seen + (target,))
+        raise where.error(f"the profiles extend each other in a loop ({loop}); expected a chain that ends")
+    parent = read_yaml(target, parent_source)
+    if not isinstance(parent, dict):
+        raise ConfigError(f"{parent_source}: expected a profile (a mapping of its keys) at the top level, "
+                          f"got {type(parent).__name__}")
+    parent, parent_origins, parents = resolve_extends(parent, target, parent_source, (), seen)
+    inherited = own_origins(parent, Origin(parent_source, (), ""))
+    inherited.update({p: o for p, o in parent_origins.items() if o is not None})
+    resolved, origins = overlay(parent, inherited, own)
+    return resolved, origins, [parent_source] + parents
 
 
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -112,11 +163,17 @@ class LoadedConfig:
     profile_name: str
     file: Path
     source: str  # how errors name the file
-    raw: dict  # the tree after overrides, before validation (for hashing and the report)
+    raw: dict  # the tree after `extends`, overrides and --fast, before validation (for hashing and the report)
+    origins: dict = field(default_factory=dict, repr=False)  # key path -> Origin of an inherited value
+    extends: dict = field(default_factory=dict)  # profile -> the files it extends, nearest first
 
     @property
     def profile(self) -> Profile:
         return self.language.profiles[self.profile_name]
+
+    def where(self, key: str) -> Where:
+        """The place of a profile key (`corpus.max_tokens`), for errors that name the file and key that set it."""
+        return Where(self.source, ("profiles", self.profile_name, *split_key(key)), self.origins)
 
     @property
     def base_dir(self) -> Path:
@@ -136,6 +193,12 @@ def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=F
     profiles = raw.get("profiles")
     if not isinstance(profiles, dict) or not profiles:
         parse(LanguageConfig, raw, Where(source))  # reports the missing or malformed keys
+    origins, extends = {}, {}
+    for pname, tree in profiles.items():
+        at = ("profiles", pname)
+        profiles[pname], inherited, extends[pname] = resolve_extends(tree, path, source, at)
+        heir = f"{format_path(at)} of {source}"
+        origins.update({at + p: o and Origin(o.source, o.path, heir) for p, o in inherited.items()})
     if profile is None:
         profile = "micro" if "micro" in profiles else next(iter(profiles), None)
     if profile not in profiles:
@@ -155,8 +218,10 @@ def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=F
         edits.append((key if first in top_keys else f"profiles.{profile}.{key}", value))
     for key, value in edits:
         set_key(raw, split_key(key), value, source, key)
-    language = parse(LanguageConfig, raw, Where(source))
-    return LoadedConfig(language=language, profile_name=profile, file=path, source=source, raw=raw)
+        forget_below(origins, tuple(split_key(key)))
+    language = parse(LanguageConfig, raw, Where(source, (), origins))
+    return LoadedConfig(language=language, profile_name=profile, file=path, source=source, raw=raw,
+                        origins=origins, extends={p: chain for p, chain in extends.items() if chain})
 
 
 def validate_all_shipped() -> dict[str, LanguageConfig]:
