@@ -201,7 +201,7 @@ def _add_merge(graph, loaded, name, recipe, expert_stages):
 
         models = {ref: _model_of(deps, ref, profile) for ref in recipe.references()}
         result = run_merge(recipe, models, stage.path / "model", overwrite=True,
-                           source=f"{loaded.source}: profiles.{loaded.profile_name}.merges.{name}")
+                           source=loaded.where(f"merges.{name}").located())
         return {"model": str(result.out_dir), "report": str(result.out_dir / "merge_report.json")}
 
     deps = ("fetch", "language_expert") + tuple(s for s in expert_stages if s.split(":")[1] in recipe.references())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.errors import ConfigError, DataError
+from workbench.errors import DataError
 from workbench.pipelines.identity import tokenizer_identity
 from workbench.pipelines.sources import iter_column, load_rows, local_identity, require_columns, select_rows
 from workbench.pipelines.stage import Stage, stage_for, write_json_atomic
@@ -237,10 +237,10 @@ def budgeted_documents(text: Stage, tokenizer, max_tokens, ratio: float, cache: 
 def run_corpus(loaded, tokenizer_dir, run_dir) -> Stage:
     """The packed training blocks, held-out documents and stats for the profile (skipped when done)."""
     cfg = loaded.profile.corpus
-    key = f"profiles.{loaded.profile_name}.corpus"
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.block_size:
-        raise ConfigError(f"{loaded.source}: {key}.max_tokens: a budget of {cfg.max_tokens} tokens is smaller than "
-                          f"one block ({key}.block_size = {cfg.block_size}); expected max_tokens >= block_size")
+        raise loaded.where("corpus.max_tokens").error(
+            f"a budget of {cfg.max_tokens} tokens is smaller than one block "
+            f"({loaded.where('corpus.block_size').located()} = {cfg.block_size}); expected max_tokens >= block_size")
     tokenizer = load_tokenizer(tokenizer_dir)
     text = run_corpus_text(loaded, run_dir)
     ratio = cfg.replay.ratio if cfg.replay else 0.0
@@ -255,7 +255,7 @@ def run_corpus(loaded, tokenizer_dir, run_dir) -> Stage:
     blocks, stream_len = pack([pieces[i] for i in order], tokenizer.eos_token_id, cfg.block_size)
     if len(blocks) == 0:
         raise DataError(f"corpus: sources {', '.join(cfg.sources)} give {stream_len} tokens with EOS, fewer than one "
-                        f"block ({key}.block_size = {cfg.block_size}); add text or lower block_size")
+                        f"block ({loaded.where('corpus.block_size').located()} = {cfg.block_size}); add text or lower block_size")
     heldout_docs = read_heldout(text)
     heldout_ids = tokenizer(heldout_docs, add_special_tokens=False)["input_ids"]
     heldout_blocks = pack_heldout(heldout_ids, tokenizer.eos_token_id, cfg.block_size)

@@ -92,9 +92,9 @@ def tasks_from_config(loaded, *, heldout_docs=None, mgsm_path=None) -> list:
         tasks.append(TaskSet(name, tuple(sample_items(rows, samples, MGSM_SAMPLE_SEED)), fmt, lang.digits, ev.n_shot))
     if ev.generated_problems:
         if lang.code not in supported_languages():
-            raise ConfigError(f"{loaded.source}: profiles.{loaded.profile_name}.eval.generated_problems: no "
-                              f"word-problem templates for {lang.code!r} (supported: "
-                              f"{', '.join(supported_languages())}); set it to 0")
+            raise loaded.where("eval.generated_problems").error(
+                f"no word-problem templates for {lang.code!r} (supported: {', '.join(supported_languages())}); "
+                f"set it to 0")
         tasks.append(generated_task(lang.code, ev.generated_problems, ev.generated_seed, fmt=fmt,
                                     digits=lang.digits, n_shot=ev.n_shot))
         if lang.code != "en":

@@ -129,7 +129,7 @@ def test_empty_after_filter_names_source_and_filter(tmp_path, sw_config, tiny_to
 def test_budget_smaller_than_a_block_names_the_keys(tmp_path, sw_config, tiny_tokenizer_dir):
     loaded = sw_config("corpus.max_tokens=50")
     with pytest.raises(ConfigError, match=r"profiles.micro.corpus.max_tokens: a budget of 50 tokens is smaller than "
-                                          r"one block \(profiles.micro.corpus.block_size = 64\)"):
+                                          r"one block \(languages/sw.yaml: profiles.micro.corpus.block_size = 64\)"):
         run_corpus(loaded, tiny_tokenizer_dir, tmp_path / "run")
 
 
