@@ -94,17 +94,22 @@ def test_the_killed_run_resumes_without_repeating_corpus_or_ct(run):
     for name in ("fetch", "corpus", "tokenizer", "blocks", "language_expert"):
         assert after[name] == before[name], f"{name} ran again after the kill"
     assert "language_expert: done earlier" in run["resumed"].stdout
-    # The CT stage's own content folder was finished once and not redone.
-    pretrain = [json.loads(p.read_text()) for p in (run["dir"] / "work").glob("pretrain-*/stage.json")]
-    assert len(pretrain) == 1 and pretrain[0]["steps"] == 2
+    # The CT stage's folder (its record, model and log) was finished once and not redone.
+    ct = [json.loads(p.read_text()) for p in (run["dir"] / "stages").glob("language_expert-*/stage.json")]
+    assert len(ct) == 1 and ct[0]["outputs"]["summary"]["steps"] == 2
 
 
 def test_every_artifact_is_written(run):
     d = run["dir"]
     for name in ("report.md", "report.json", "report_assets/delta_heatmap.png", "report_assets/results.png",
-                 "evaluation/results.md", "evaluation/results.json", "evaluation/results.png", "run.json",
-                 "work/fetch.json"):
+                 "evaluation/results.md", "evaluation/results.json", "evaluation/results.png", "run.json"):
         assert (d / name).is_file() and (d / name).stat().st_size > 0, name
+    # One folder scheme: each stage's record and everything it made in <run>/stages/<name>-<key>/.
+    assert sorted(p.name for p in d.iterdir()) == ["evaluation", "report.json", "report.md", "report_assets",
+                                                   "run.json", "stages"]
+    fetch = Path(run["after_resume"]["fetch"]["path"])
+    assert (fetch / "fetch.json").is_file() and run["after_resume"]["fetch"]["outputs"]["manifest"] == str(
+        fetch / "fetch.json")
     recs = run["after_resume"]
     for merge in MERGES:
         model = Path(recs[f"merge-{merge}"]["path"]) / recs[f"merge-{merge}"]["outputs"]["model"]
