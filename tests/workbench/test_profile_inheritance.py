@@ -143,6 +143,22 @@ def test_fast_variant_and_set_overrides_work_through_inheritance(tmp_path):
     assert both.profile.language_expert.pretrain.lora.train_embeddings and both.profile.tokenizer.extend_vocab
 
 
+def test_a_language_without_mgsm_extends_micro_and_runs_fast(tmp_path):
+    """What bo, ug or mn need: no MGSM file (the shared `eval.mgsm: null` stays, and the shared fast variant's
+    `eval.mgsm.samples` is skipped), no word-problem templates (0 generated problems, in --fast too)."""
+    path = language_extending(tmp_path, "micro", """\
+        eval: {generated_problems: 0}
+        fast: {eval.generated_problems: 0}
+        """)
+    for fast in (False, True):
+        profile = load_language(str(path), fast=fast).profile
+        assert profile.eval.mgsm is None and profile.eval.generated_problems == 0
+    assert load_language(str(path), fast=True).profile.eval.max_new_tokens == 12
+    # --set still makes a section where there is none.
+    made = load_language(str(path), overrides=["eval.mgsm.path=mgsm.tsv"], fast=True).profile.eval.mgsm
+    assert made.path == "mgsm.tsv" and made.samples == 40
+
+
 def test_languages_command_shows_the_resolved_profile(capsys):
     assert main(["languages", "te"]) == 0
     out = capsys.readouterr().out

@@ -143,6 +143,21 @@ def set_key(tree, parts: list, value, source: str, full_key: str):
             node = node[part]
 
 
+def under_null(tree, parts: list) -> bool:
+    """Whether a mapping on the way to the key is set to null in the tree."""
+    node = tree
+    for part in parts[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+        if node is None:
+            return True
+    return False
+
+
 def parse_override(text: str):
     """`KEY=VALUE` from the command line; VALUE is read as YAML (numbers, true/false, lists)."""
     if "=" not in text:
@@ -210,8 +225,12 @@ def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=F
     if fast:
         fast_tree = profiles[profile].get("fast") or {}
         if not isinstance(fast_tree, dict):
-            raise ConfigError(f"{source}: profiles.{profile}.fast: expected a mapping of dotted keys to values")
-        edits += [(f"profiles.{profile}.{k}", v) for k, v in fast_tree.items()]
+            raise Where(source, ("profiles", profile, "fast"), origins).error(
+                "expected a mapping of dotted keys to values")
+        # A shared fast variant may shrink a section this profile switches off (`eval.mgsm: null` for a language
+        # without MGSM): that key is skipped rather than bringing the section back half-made.
+        edits += [(f"profiles.{profile}.{k}", v) for k, v in fast_tree.items()
+                  if not under_null(raw, split_key(f"profiles.{profile}.{k}"))]
     for text in overrides:
         key, value = parse_override(text) if isinstance(text, str) else text
         first = split_key(key)[0]
