@@ -16,6 +16,8 @@ from workbench.errors import ConfigError
 from workbench.pipelines.runner import RunGraph, StageSpec, stage_output
 
 VERSION = 1  # bump when a stage's outputs change for the same inputs
+# 2: perplexity on the held-out documents' text; version 1 scored each line of heldout.jsonl, JSON quoting and all
+EVALUATE_VERSION = 2
 
 
 def _model_of(records: dict, role: str, profile) -> Path:
@@ -228,11 +230,12 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     profile = loaded.profile
 
     def evaluate(stage, deps):
-        from workbench.pipelines.evaluate import evaluate_models, read_document_lines, tasks_from_config
+        from workbench.pipelines.corpus import read_heldout
+        from workbench.pipelines.evaluate import evaluate_models, tasks_from_config
 
         heldout = None
         if ct:
-            heldout = list(read_document_lines(deps["blocks"]["outputs"]["heldout"]))
+            heldout = read_heldout(deps["blocks"]["outputs"]["corpus_stage"])
         tasks = tasks_from_config(loaded, heldout_docs=heldout)
         # One folder for the whole run: a model evaluated earlier with the same inputs is not evaluated again.
         table = evaluate_models(eval_models(deps, profile), tasks=tasks, out_dir=run_dir / "evaluation",
@@ -244,7 +247,7 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     deps = ("fetch", "language_expert") + expert_stages + merges + (("blocks",) if ct else ())
     ev = profile.eval
     graph.add(StageSpec("evaluate", {"eval": to_dict(ev), "prompt": to_dict(loaded.language.prompt),
-                                     "digits": loaded.language.digits, "v": VERSION}, evaluate, deps=deps,
+                                     "digits": loaded.language.digits, "v": EVALUATE_VERSION}, evaluate, deps=deps,
                         describe=f"{2 + len(profile.experts) + len(profile.merges)} models on target-language "
                                  f"perplexity, generated problems and MGSM"))
 

@@ -137,6 +137,20 @@ def test_report_numbers_equal_the_evaluation_outputs(run):
     assert f"{ppl:.2f}" in (d / "report.md").read_text(encoding="utf-8")
 
 
+def test_perplexity_scores_the_heldout_documents_text(run):
+    """Every token after each document's first, of the held-out documents' text (not of heldout.jsonl's lines)."""
+    from transformers import AutoTokenizer
+
+    from workbench.pipelines.corpus import read_heldout
+
+    blocks = run["after_resume"]["blocks"]["outputs"]["corpus_stage"]
+    docs = read_heldout(blocks)[:4]  # eval.perplexity_docs of the fast variant
+    tokenizer = AutoTokenizer.from_pretrained(run["after_resume"]["fetch"]["outputs"]["models"]["base"])
+    want = sum(len(tokenizer(doc, add_special_tokens=True)["input_ids"]) - 1 for doc in docs)
+    for model, row in run["results"]["rows"].items():
+        assert (row["perplexity_sw"]["documents"], row["perplexity_sw"]["tokens"]) == (4, want), model
+
+
 def test_merged_models_load_and_give_finite_logits(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
