@@ -169,7 +169,8 @@ def _add_task_expert(graph, loaded, name, expert, callbacks):
             return {"model": deps["fetch"]["outputs"]["models"][name]}
 
         graph.add(StageSpec(f"expert:{name}", {"fetch": to_dict(expert.fetch), "v": VERSION}, fetched,
-                            deps=("fetch",), describe=f"{expert.task} expert fetched: {_describe_source(expert.fetch)}"))
+                            deps=("fetch",),
+                            describe=f"{expert.task} expert fetched: {_describe_source(expert.fetch)}"))
         return
 
     def sft(stage, deps):

@@ -42,7 +42,8 @@ def train_language_expert(cfg, model_dir, blocks_dir, out, *, callbacks=()) -> d
     blocks_dir, out = Path(blocks_dir), Path(out)
     tokenizer = load_tokenizer(model_dir)
     heldout = blocks_dir / "heldout_blocks.npy"
-    summary = train_and_save(model_dir, tokenizer, cfg, out, train_dataset=PackedBlocks(blocks_dir / "train_blocks.npy"),
+    summary = train_and_save(model_dir, tokenizer, cfg, out,
+                             train_dataset=PackedBlocks(blocks_dir / "train_blocks.npy"),
                              eval_dataset=PackedBlocks(heldout) if heldout.is_file() else None,
                              collator=packed_collator, count_tokens="all", callbacks=callbacks)
     if is_main_process():

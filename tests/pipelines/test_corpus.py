@@ -33,7 +33,8 @@ def messy_sw(tmp_path, shared_data):
     return write_lines(tmp_path / "sw.txt", lines), real
 
 
-def test_dedup_budget_replay_and_packing_are_exact(tmp_path, messy_sw, shared_data, sw_config, tiny_tokenizer_dir, corpus_blocks):
+def test_dedup_budget_replay_and_packing_are_exact(tmp_path, messy_sw, shared_data, sw_config, tiny_tokenizer_dir,
+                                                   corpus_blocks):
     path, real = messy_sw
     replay = write_lines(tmp_path / "en.txt", (shared_data / "corpus" / "en.txt").read_text().splitlines()[:400])
     loaded = sw_config(f"sources.shipped.path={path}", f"sources.english.path={replay}", "corpus.max_tokens=6000",
@@ -96,7 +97,7 @@ def test_corpus_stages_are_cached_by_their_inputs(tmp_path, messy_sw, sw_config,
     assert blocks()["path"] != first["path"]
 
 
-def test_jsonl_parquet_and_tsv_sources_with_filter_and_max_rows(tmp_path, shared_data, sw_config, tiny_tokenizer_dir, corpus_text):
+def test_jsonl_parquet_and_tsv_sources_with_filter_and_max_rows(tmp_path, shared_data, sw_config, corpus_text):
     lines = [l for l in (shared_data / "corpus" / "sw.txt").read_text().splitlines() if len(l) > 40][:120]
     rows = [{"body": line, "lang": "sw" if i % 3 else "en"} for i, line in enumerate(lines)]
     with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
@@ -117,7 +118,8 @@ def test_missing_local_source_names_it(tmp_path, sw_config, tiny_tokenizer_dir, 
         corpus_blocks(loaded, tiny_tokenizer_dir, tmp_path / "run")
 
 
-def test_unreachable_hub_source_names_the_data_set_and_the_local_way(tmp_path, sw_config, tiny_tokenizer_dir, corpus_blocks):
+def test_unreachable_hub_source_names_the_data_set_and_the_local_way(tmp_path, sw_config, tiny_tokenizer_dir,
+                                                                    corpus_blocks):
     loaded = sw_config("corpus.sources=[wikipedia]", "corpus.replay=null")
     with pytest.raises(HubUnavailableError, match=r"source 'wikipedia': cannot reach the data set 'wikimedia/wikipedia' "
                                                   r"\(config '20231101.sw'\).*point the source at a local file"):
