@@ -45,7 +45,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"workbench.kernels": ["*.c"], "workbench.languages": ["*.yaml", "corpora/*.txt", "corpora/*.md", "mgsm/*.tsv", "mgsm/*.md", "mgsm/LICENSE"]},
+    package_data={"workbench.kernels": ["*.c"], "workbench.languages": ["*.yaml", "profiles/*.yaml", "corpora/*.txt", "corpora/*.md", "mgsm/*.tsv", "mgsm/*.md", "mgsm/LICENSE"]},
     include_package_data=False,
     install_requires=[
         # The upper bound keeps pip on the CPU wheel this machine has (2.13.0) and never pulls

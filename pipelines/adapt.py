@@ -1,13 +1,14 @@
-"""`workbench adapt`: one language profile from base model to merged models, evaluated and reported.
+"""The graph of one language profile's run, from base model to merged models, evaluated and reported:
 
 fetch → corpus → tokenizer check (→ vocabulary extension) → packed blocks → language expert (CT, SFT or
 fetched) → task experts (SFT or fetched) → delta analysis → merges → evaluation → report.
 
-Each stage is keyed by its settings and its dependencies' keys (`runner.RunGraph`); the work itself runs in
-the stage functions of the other modules, which key their own folders by content under `<run>/work/`, so
-a rerun skips what is done and resumes what was interrupted (trainer checkpoints, merge shards).
+`workbench adapt` runs all of it; `workbench pretrain` runs the same graph until the language expert. Each
+stage is keyed by its settings and its dependencies' keys (`runner.RunGraph`) and works in its own folder
+`<run>/stages/<name>-<key>/`, so a rerun skips what is done and resumes what was interrupted (trainer
+checkpoints, merge shards). Evaluation keeps one more folder, `<run>/evaluation/`, with each model's scores
+keyed by that model's files, so a changed merge does not evaluate the other models again.
 """
-import json
 from pathlib import Path
 
 from workbench.config.schema import to_dict
@@ -15,6 +16,8 @@ from workbench.errors import ConfigError
 from workbench.pipelines.runner import RunGraph, StageSpec, stage_output
 
 VERSION = 1  # bump when a stage's outputs change for the same inputs
+# 2: perplexity on the held-out documents' text; version 1 scored each line of heldout.jsonl, JSON quoting and all
+EVALUATE_VERSION = 2
 
 
 def _model_of(records: dict, role: str, profile) -> Path:
@@ -32,13 +35,13 @@ def _describe_source(source) -> str:
     return source.label() + (" (access agreement needed)" if source.gated else "")
 
 
-def build_graph(loaded, run_dir: Path, *, log=print) -> RunGraph:
-    """The stages of one run of `loaded` (a LoadedConfig) under `run_dir`."""
+def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
+    """The stages of one run of `loaded` (a LoadedConfig) under `run_dir`; `callbacks` (transformers
+    TrainerCallbacks) go to every training stage."""
     from workbench.pipelines.corpus import source_inputs
     from workbench.pipelines.fetch import profile_sources
 
-    profile, lang = loaded.profile, loaded.language
-    work = run_dir / "work"
+    profile = loaded.profile
     graph = RunGraph(run_dir)
     le = profile.language_expert
     ct = le.fetch is None and le.sft is None
@@ -47,9 +50,9 @@ def build_graph(loaded, run_dir: Path, *, log=print) -> RunGraph:
     def fetch(stage, deps):
         from workbench.pipelines.fetch import fetch_profile
 
-        manifest = fetch_profile(loaded, work)
+        manifest = fetch_profile(loaded, stage.path)
         models = {role: manifest["models"][src.label()]["path"] for role, (_, src) in sources.items()}
-        return {"models": models, "manifest": str(work / "fetch.json")}
+        return {"models": models, "manifest": str(stage.path / "fetch.json")}
 
     hub_ids = [f"{src.hub}@{src.revision}" for _, src in sources.values() if src.hub]
     graph.add(StageSpec("fetch", {"sources": {r: to_dict(s) for r, (_, s) in sources.items()}, "v": VERSION},
@@ -57,79 +60,83 @@ def build_graph(loaded, run_dir: Path, *, log=print) -> RunGraph:
                                                                for r, (_, s) in sources.items()),
                         downloads=tuple(hub_ids)))
     if ct:
-        _add_ct_stages(graph, loaded, work, source_inputs)
+        _add_ct_stages(graph, loaded, source_inputs, callbacks)
     else:
-        _add_other_language_expert(graph, loaded, work)
+        _add_other_language_expert(graph, loaded, callbacks)
     for name, expert in profile.experts.items():
-        _add_task_expert(graph, loaded, work, name, expert)
+        _add_task_expert(graph, loaded, name, expert, callbacks)
     expert_stages = tuple(f"expert:{n}" for n in profile.experts)
     _add_analysis(graph, loaded, expert_stages)
     for name, recipe in profile.merges.items():
         _add_merge(graph, loaded, name, recipe, expert_stages)
-    _add_evaluation(graph, loaded, run_dir, expert_stages, ct)
-    _add_report(graph, loaded, run_dir, ct)
+    _add_evaluation(graph, loaded, graph.run_dir, expert_stages, ct)
+    _add_report(graph, loaded, graph.run_dir)
     return graph
 
 
-def _add_ct_stages(graph, loaded, work, source_inputs):
+def _add_ct_stages(graph, loaded, source_inputs, callbacks):
     profile = loaded.profile
     cfg = profile.corpus
     names = list(cfg.sources) + (list(cfg.replay.sources) if cfg.replay else [])
     hub = [f"{loaded.language.sources[n].hub}" for n in names if loaded.language.sources[n].hub]
 
     def corpus(stage, deps):
-        from workbench.pipelines.corpus import run_corpus_text
+        from workbench.pipelines.corpus import write_corpus_text
 
-        text = run_corpus_text(loaded, work)
-        return {"text_stage": str(text.path), "stats": text.record().get("stats")}
+        # Output names are those records have always had, so that a run directory from before keeps working.
+        return {"text_stage": str(stage.path), "stats": write_corpus_text(loaded, stage.path)}
 
     graph.add(StageSpec("corpus", {"corpus": to_dict(cfg), "sources": source_inputs(loaded, names), "v": VERSION},
                         corpus, describe=f"read, clean, deduplicate and split {', '.join(names)}",
                         downloads=tuple(hub)))
 
     def tokenizer(stage, deps):
-        from workbench.pipelines.tokenizer import run_tokenizer
+        from workbench.pipelines.tokenizer import write_tokenizer_report
 
-        text = _stage_at(deps["corpus"]["outputs"]["text_stage"])
         base = _model_of(deps, "base", profile)
-        tok = run_tokenizer(loaded, base, text, work)
-        if tok is None:
+        report = write_tokenizer_report(loaded, base, deps["corpus"]["outputs"]["text_stage"], stage.path)
+        if report is None:
             return {"model": str(base), "report": None}
-        record = tok.record()
-        model = record["outputs"].get("model")
-        return {"model": str(tok.path / model) if model else str(base),
-                "report": str(tok.path / record["outputs"]["report"]), "fertility": record.get("fertility")}
+        extended = "extension" in report
+        return {"model": str(stage.path / "model") if extended else str(base),
+                "report": str(stage.path / "fertility.json"), "fertility": report}
 
     ext = " and extend the vocabulary" if profile.tokenizer.extend_vocab else ""
     graph.add(StageSpec("tokenizer", {"tokenizer": to_dict(profile.tokenizer), "v": VERSION}, tokenizer,
                         deps=("fetch", "corpus"), describe=f"fertility of the base tokenizer{ext}"))
 
     def blocks(stage, deps):
-        from workbench.pipelines.corpus import run_corpus
+        from workbench.pipelines.corpus import write_blocks
 
-        packed = run_corpus(loaded, Path(deps["tokenizer"]["outputs"]["model"]), work)
-        return {"corpus_stage": str(packed.path), "heldout": str(packed.path / "heldout.jsonl")}
+        write_blocks(loaded, deps["tokenizer"]["outputs"]["model"], deps["corpus"]["outputs"]["text_stage"],
+                     stage.path)
+        return {"corpus_stage": str(stage.path), "heldout": str(stage.path / "heldout.jsonl")}
 
     graph.add(StageSpec("blocks", {"corpus": to_dict(cfg), "v": VERSION}, blocks, deps=("corpus", "tokenizer"),
                         describe=f"token budget, replay share and packing into {cfg.block_size}-token blocks"))
 
-    def pretrain(stage, deps):
-        from workbench.pipelines.pretrain import run_pretrain
-
-        corpus_stage = _stage_at(deps["blocks"]["outputs"]["corpus_stage"])
-        ct = run_pretrain(loaded, Path(deps["tokenizer"]["outputs"]["model"]), corpus_stage, work)
-        record = ct.record()
-        return {"model": str(ct.path / "model"), "summary": {k: v for k, v in record.items()
-                                                             if k not in ("inputs", "outputs")}}
-
     p = profile.language_expert.pretrain
+
+    def pretrain(stage, deps):
+        from workbench.pipelines.pretrain import train_language_expert
+
+        model = Path(deps["tokenizer"]["outputs"]["model"])
+        extended = "extension" in (deps["tokenizer"]["outputs"].get("fertility") or {})
+        if extended and p.method == "lora" and not p.lora.train_embeddings:
+            print("note: the vocabulary was extended but LoRA does not train the embeddings; the new rows keep "
+                  "their initial values (set language_expert.pretrain.lora.train_embeddings: true)")
+        summary = train_language_expert(p, model, deps["blocks"]["outputs"]["corpus_stage"], stage.path,
+                                        callbacks=callbacks)
+        return {"model": str(stage.path / "model"), "log_history": str(stage.path / "log_history.json"),
+                "summary": summary}
+
     graph.add(StageSpec("language_expert", {"pretrain": to_dict(p), "v": VERSION}, pretrain,
-                        deps=("tokenizer", "blocks"),
+                        deps=("tokenizer", "blocks"), all_processes=True,
                         describe=f"continual pretraining ({p.method}, {p.max_steps} steps of "
                                  f"{p.batch_size * p.grad_accum} x {profile.corpus.block_size} tokens)"))
 
 
-def _add_other_language_expert(graph, loaded, work):
+def _add_other_language_expert(graph, loaded, callbacks):
     profile = loaded.profile
     le = profile.language_expert
     if le.fetch is not None:
@@ -142,39 +149,42 @@ def _add_other_language_expert(graph, loaded, work):
 
     def sft(stage, deps):
         from workbench.pipelines.prompts import PromptFormat
-        from workbench.pipelines.sft import run_sft
+        from workbench.pipelines.sft import train_sft
 
-        base = _model_of(deps, "base", profile)
-        done = run_sft(le.sft, base, work, PromptFormat(template="{question}"), config_dir=loaded.base_dir,
-                       name="language")
-        return {"model": str(done.path / "model")}
+        # General instructions (e.g. Aya), not word problems: the question is the whole user turn.
+        summary = train_sft(le.sft, _model_of(deps, "base", profile), stage.path, PromptFormat(template="{question}"),
+                            config_dir=loaded.base_dir, name="language", callbacks=callbacks)
+        return {"model": str(stage.path / "model"), "summary": summary}
 
     hub = (le.sft.data.hub,) if le.sft.data.hub else ()
     graph.add(StageSpec("language_expert", {"sft": to_dict(le.sft), "v": VERSION}, sft, deps=("fetch",),
-                        describe=f"SFT on target-language instructions ({le.sft.train.method})", downloads=hub))
+                        all_processes=True, downloads=hub,
+                        describe=f"SFT on target-language instructions ({le.sft.train.method})"))
 
 
-def _add_task_expert(graph, loaded, work, name, expert):
+def _add_task_expert(graph, loaded, name, expert, callbacks):
     profile = loaded.profile
     if expert.fetch is not None:
         def fetched(stage, deps):
             return {"model": deps["fetch"]["outputs"]["models"][name]}
 
         graph.add(StageSpec(f"expert:{name}", {"fetch": to_dict(expert.fetch), "v": VERSION}, fetched,
-                            deps=("fetch",), describe=f"{expert.task} expert fetched: {_describe_source(expert.fetch)}"))
+                            deps=("fetch",),
+                            describe=f"{expert.task} expert fetched: {_describe_source(expert.fetch)}"))
         return
 
     def sft(stage, deps):
-        from workbench.pipelines.sft import run_sft
+        from workbench.pipelines.sft import train_sft
 
-        done = run_sft(expert.sft, _model_of(deps, "base", profile), work, config_dir=loaded.base_dir, name=name)
-        return {"model": str(done.path / "model")}
+        summary = train_sft(expert.sft, _model_of(deps, "base", profile), stage.path, config_dir=loaded.base_dir,
+                            name=name, callbacks=callbacks)
+        return {"model": str(stage.path / "model"), "summary": summary}
 
     data = expert.sft.data
     what = f"{data.generated} generated {data.lang} word problems" if data.generated else (data.hub or data.path)
     graph.add(StageSpec(f"expert:{name}", {"sft": to_dict(expert.sft), "v": VERSION}, sft, deps=("fetch",),
                         describe=f"{expert.task} expert: SFT ({expert.sft.train.method}) on {what}",
-                        downloads=(data.hub,) if data.hub else ()))
+                        downloads=(data.hub,) if data.hub else (), all_processes=True))
 
 
 def _add_analysis(graph, loaded, expert_stages):
@@ -201,7 +211,7 @@ def _add_merge(graph, loaded, name, recipe, expert_stages):
 
         models = {ref: _model_of(deps, ref, profile) for ref in recipe.references()}
         result = run_merge(recipe, models, stage.path / "model", overwrite=True,
-                           source=f"{loaded.source}: profiles.{loaded.profile_name}.merges.{name}",
+                           source=loaded.where(f"merges.{name}").located(),
                            nonfinite_option=None)  # adapt has no --allow-nonfinite to recommend
         return {"model": str(result.out_dir), "report": str(result.out_dir / "merge_report.json")}
 
@@ -222,11 +232,12 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     profile = loaded.profile
 
     def evaluate(stage, deps):
-        from workbench.pipelines.evaluate import evaluate_models, read_documents, tasks_from_config
+        from workbench.pipelines.corpus import read_heldout
+        from workbench.pipelines.evaluate import evaluate_models, tasks_from_config
 
         heldout = None
         if ct:
-            heldout = list(read_documents(deps["blocks"]["outputs"]["heldout"]))
+            heldout = read_heldout(deps["blocks"]["outputs"]["corpus_stage"])
         tasks = tasks_from_config(loaded, heldout_docs=heldout)
         # One folder for the whole run: a model evaluated earlier with the same inputs is not evaluated again.
         table = evaluate_models(eval_models(deps, profile), tasks=tasks, out_dir=run_dir / "evaluation",
@@ -238,14 +249,12 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     deps = ("fetch", "language_expert") + expert_stages + merges + (("blocks",) if ct else ())
     ev = profile.eval
     graph.add(StageSpec("evaluate", {"eval": to_dict(ev), "prompt": to_dict(loaded.language.prompt),
-                                     "digits": loaded.language.digits, "v": VERSION}, evaluate, deps=deps,
+                                     "digits": loaded.language.digits, "v": EVALUATE_VERSION}, evaluate, deps=deps,
                         describe=f"{2 + len(profile.experts) + len(profile.merges)} models on target-language "
                                  f"perplexity, generated problems and MGSM"))
 
 
-def _add_report(graph, loaded, run_dir, ct):
-    profile = loaded.profile
-
+def _add_report(graph, loaded, run_dir):
     def report(stage, deps):
         from workbench.report import write_report
 
@@ -254,16 +263,3 @@ def _add_report(graph, loaded, run_dir, ct):
     deps = tuple(s.name for s in graph.specs)
     graph.add(StageSpec("report", {"v": VERSION, "raw": loaded.raw}, report, deps=deps,
                         describe="report.md / report.json: table, heatmap, swap layers, survival counts"))
-
-
-def _stage_at(path: str):
-    """A finished content stage of another module, from its folder."""
-    from workbench.pipelines.stage import RECORD, Stage
-
-    folder = Path(path)
-    data = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    return Stage(name=data["stage"], key=data["key"], path=folder, inputs=data.get("inputs", {}))
-
-
-def default_run_dir(loaded, root) -> Path:
-    return Path(root) / f"{loaded.language.code}-{loaded.profile_name}"

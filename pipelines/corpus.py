@@ -1,13 +1,14 @@
-"""Corpus stage: the profile's sources -> clean, deduplicated documents -> a held-out split -> a token budget
+"""Corpus stages: the profile's sources -> clean, deduplicated documents -> a held-out split -> a token budget
 with an optional replay share -> fixed-length training blocks with EOS between documents.
 
-Two stage directories, so that a new tokenizer (vocabulary extension) re-tokenizes without re-reading:
-- `corpus-text-<key>`: documents read with `datasets`, cleaned (Unicode NFC, whitespace), shorter than
+Two stages (`corpus` and `blocks` in pipelines/adapt.py), so that a new tokenizer (vocabulary extension)
+re-tokenizes without re-reading; each writes into the folder the runner gives it:
+- `write_corpus_text`: documents read with `datasets`, cleaned (Unicode NFC, whitespace), shorter than
   `min_chars` dropped, exact duplicates dropped (first occurrence kept; replay documents are deduplicated
   against the target ones too), then the held-out split: max(1, round(heldout_fraction · n)) target
   documents chosen by a seeded permutation; the rest, in that permuted order, are the training documents.
   The split comes before the budget, so a token-count sweep (`max_tokens`) keeps the same held-out set.
-- `corpus-<key>`: the documents tokenized (`datasets.map`), the budget and replay taken, packed.
+- `write_blocks`: the documents tokenized (`datasets.map`), the budget and replay taken, packed.
 
 Exact counts, all in tokens of the given tokenizer, EOS not counted as text:
 - budget: whole training documents in order until the budget; the document that crosses it is cut so that
@@ -28,12 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.errors import ConfigError, DataError
-from workbench.pipelines.identity import tokenizer_identity
+from workbench.errors import DataError
 from workbench.pipelines.sources import iter_column, load_rows, local_identity, require_columns, select_rows
-from workbench.pipelines.stage import Stage, stage_for, write_json_atomic
-
-VERSION = 1  # bump when the processing changes, so cached corpora are rebuilt
+from workbench.pipelines.stage import write_json_atomic
 
 _SPACES = re.compile(r"[^\S\n]+")  # any whitespace but the newline
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -56,8 +54,8 @@ class SourceCounts:
     kept: int = 0
 
 
-def read_documents(loaded, names, *, min_chars: int, seen, counts: SourceCounts):
-    """Yield the cleaned documents of the named sources; `seen` (a set of hashes) deduplicates, or None."""
+def read_source_documents(loaded, names, *, min_chars: int, seen, counts: SourceCounts):
+    """Yield the cleaned documents of the profile's named sources; `seen` (a set of hashes) deduplicates, or None."""
     for name in names:
         src = loaded.language.sources[name]
         rows = load_rows(name, path=src.path, hub=src.hub, config=src.config, split=src.split,
@@ -101,22 +99,16 @@ def source_inputs(loaded, names) -> dict:
     return out
 
 
-def run_corpus_text(loaded, run_dir) -> Stage:
-    """Read, clean, deduplicate and split the profile's corpus (skipped when done)."""
+def write_corpus_text(loaded, out: Path) -> dict:
+    """Read, clean, deduplicate and split the profile's corpus into `out` (target/, replay/, heldout.jsonl,
+    stats.json); returns the stats."""
     import datasets
 
     cfg = loaded.profile.corpus
     replay_names = cfg.replay.sources if cfg.replay else []
-    inputs = {"version": VERSION, "target": source_inputs(loaded, cfg.sources),
-              "replay": source_inputs(loaded, replay_names), "min_chars": cfg.min_chars, "dedup": cfg.dedup,
-              "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed}
-    stage = stage_for(run_dir, "corpus-text", inputs)
-    if stage.done:
-        return stage
-    stage.start()
     seen = set() if cfg.dedup else None
     target = SourceCounts()
-    docs = list(read_documents(loaded, cfg.sources, min_chars=cfg.min_chars, seen=seen, counts=target))
+    docs = list(read_source_documents(loaded, cfg.sources, min_chars=cfg.min_chars, seen=seen, counts=target))
     if not docs:
         raise DataError(f"corpus: no documents left from sources {', '.join(cfg.sources)} (read "
                         f"{target.documents_read}, {target.dropped_short} shorter than corpus.min_chars = "
@@ -130,18 +122,17 @@ def run_corpus_text(loaded, run_dir) -> Stage:
     heldout = [docs[i] for i in sorted(order[:n_heldout])]
     train = [docs[i] for i in order[n_heldout:]]
     replay_counts = SourceCounts()
-    replay = list(read_documents(loaded, replay_names, min_chars=cfg.min_chars, seen=seen, counts=replay_counts))
+    replay = list(read_source_documents(loaded, replay_names, min_chars=cfg.min_chars, seen=seen,
+                                        counts=replay_counts))
     replay = [replay[i] for i in np.random.default_rng(cfg.seed + 1).permutation(len(replay))]
 
-    datasets.Dataset.from_dict({"text": train}).save_to_disk(str(stage.path / "target"))
-    datasets.Dataset.from_dict({"text": replay}).save_to_disk(str(stage.path / "replay"))
-    write_jsonl(stage.path / "heldout.jsonl", heldout)
+    datasets.Dataset.from_dict({"text": train}).save_to_disk(str(out / "target"))
+    datasets.Dataset.from_dict({"text": replay}).save_to_disk(str(out / "replay"))
+    write_jsonl(out / "heldout.jsonl", heldout)
     stats = {"target": {**asdict(target), "heldout": len(heldout), "train": len(train)},
              "replay": asdict(replay_counts)}
-    write_json_atomic(stage.path / "stats.json", stats)
-    stage.finish({"target": "target", "replay": "replay", "heldout": "heldout.jsonl", "stats": "stats.json"},
-                 stats=stats)
-    return stage
+    write_json_atomic(out / "stats.json", stats)
+    return stats
 
 
 def write_jsonl(path, texts):
@@ -150,17 +141,17 @@ def write_jsonl(path, texts):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
 
 
-def read_heldout(stage: Stage) -> list[str]:
-    """The held-out documents (text) of a corpus or corpus-text stage."""
-    with open(stage.path / "heldout.jsonl", encoding="utf-8") as f:
+def read_heldout(folder) -> list[str]:
+    """The held-out documents (text) that `write_corpus_text` or `write_blocks` wrote into `folder`."""
+    with open(Path(folder) / "heldout.jsonl", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def read_training_text(stage: Stage) -> list[str]:
-    """The target-language training documents (all of them, before the budget) of a corpus-text stage."""
+def read_training_text(folder) -> list[str]:
+    """The target-language training documents (all of them, before the budget) of `write_corpus_text`'s folder."""
     import datasets
 
-    return list(datasets.load_from_disk(str(stage.path / "target"))["text"])
+    return list(datasets.load_from_disk(str(Path(folder) / "target"))["text"])
 
 
 def load_tokenizer(model_dir):
@@ -219,13 +210,13 @@ def pack_heldout(docs_ids, eos_id: int, block_size: int):
     return blocks
 
 
-def budgeted_documents(text: Stage, tokenizer, max_tokens, ratio: float, cache: Path):
+def budgeted_documents(text_dir: Path, tokenizer, max_tokens, ratio: float, cache: Path):
     """The token arrays to pack (budget-cut target documents, then replay ones) and their counts."""
-    target_ids = tokenize_documents(text.path / "target", tokenizer, cache / "target.arrow")
+    target_ids = tokenize_documents(text_dir / "target", tokenizer, cache / "target.arrow")
     target_taken, n_target = budget_cut([len(t) for t in target_ids], max_tokens)
     replay_ids, replay_taken, n_replay, replay_wanted = [], [], 0, 0
     if ratio > 0:
-        replay_ids = tokenize_documents(text.path / "replay", tokenizer, cache / "replay.arrow")
+        replay_ids = tokenize_documents(text_dir / "replay", tokenizer, cache / "replay.arrow")
         replay_wanted = round(ratio / (1 - ratio) * n_target)
         replay_taken, n_replay = budget_cut([len(t) for t in replay_ids], replay_wanted)
     pieces = [target_ids[i][:n] for i, n in target_taken] + [replay_ids[i][:n] for i, n in replay_taken]
@@ -234,47 +225,41 @@ def budgeted_documents(text: Stage, tokenizer, max_tokens, ratio: float, cache: 
                     "target_used": len(target_taken), "replay_used": len(replay_taken)}
 
 
-def run_corpus(loaded, tokenizer_dir, run_dir) -> Stage:
-    """The packed training blocks, held-out documents and stats for the profile (skipped when done)."""
+def write_blocks(loaded, tokenizer_dir, text_dir, out: Path) -> dict:
+    """Pack the documents of `text_dir` (`write_corpus_text`'s folder) into training blocks in `out`
+    (train_blocks.npy, heldout_blocks.npy, heldout.jsonl, stats.json); returns the stats."""
     cfg = loaded.profile.corpus
-    key = f"profiles.{loaded.profile_name}.corpus"
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.block_size:
-        raise ConfigError(f"{loaded.source}: {key}.max_tokens: a budget of {cfg.max_tokens} tokens is smaller than "
-                          f"one block ({key}.block_size = {cfg.block_size}); expected max_tokens >= block_size")
+        raise loaded.where("corpus.max_tokens").error(
+            f"a budget of {cfg.max_tokens} tokens is smaller than one block "
+            f"({loaded.where('corpus.block_size').located()} = {cfg.block_size}); expected max_tokens >= block_size")
     tokenizer = load_tokenizer(tokenizer_dir)
-    text = run_corpus_text(loaded, run_dir)
+    text_dir, out = Path(text_dir), Path(out)
     ratio = cfg.replay.ratio if cfg.replay else 0.0
-    inputs = {"version": VERSION, "text": text.key, "tokenizer": tokenizer_identity(tokenizer_dir),
-              "max_tokens": cfg.max_tokens, "replay_ratio": ratio, "block_size": cfg.block_size, "seed": cfg.seed}
-    stage = stage_for(run_dir, "corpus", inputs)
-    if stage.done:
-        return stage
-    stage.start()
-    pieces, counts = budgeted_documents(text, tokenizer, cfg.max_tokens, ratio, stage.path / "cache")
+    pieces, counts = budgeted_documents(text_dir, tokenizer, cfg.max_tokens, ratio, out / "cache")
     order = np.random.default_rng(cfg.seed).permutation(len(pieces))
     blocks, stream_len = pack([pieces[i] for i in order], tokenizer.eos_token_id, cfg.block_size)
     if len(blocks) == 0:
         raise DataError(f"corpus: sources {', '.join(cfg.sources)} give {stream_len} tokens with EOS, fewer than one "
-                        f"block ({key}.block_size = {cfg.block_size}); add text or lower block_size")
-    heldout_docs = read_heldout(text)
+                        f"block ({loaded.where('corpus.block_size').located()} = {cfg.block_size}); add text or lower "
+                        f"block_size")
+    heldout_docs = read_heldout(text_dir)
     heldout_ids = tokenizer(heldout_docs, add_special_tokens=False)["input_ids"]
     heldout_blocks = pack_heldout(heldout_ids, tokenizer.eos_token_id, cfg.block_size)
-    np.save(stage.path / "train_blocks.npy", blocks)
-    np.save(stage.path / "heldout_blocks.npy", heldout_blocks)
-    shutil.copyfile(text.path / "heldout.jsonl", stage.path / "heldout.jsonl")
-    shutil.rmtree(stage.path / "cache", ignore_errors=True)
-    stats = text.record()["stats"]
+    np.save(out / "train_blocks.npy", blocks)
+    np.save(out / "heldout_blocks.npy", heldout_blocks)
+    shutil.copyfile(text_dir / "heldout.jsonl", out / "heldout.jsonl")
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    stats = json.loads((text_dir / "stats.json").read_text(encoding="utf-8"))
     stats["target"]["used"], stats["replay"]["used"] = counts.pop("target_used"), counts.pop("replay_used")
     stats["tokens"] = {**counts, "eos": len(pieces), "stream": stream_len, "packed": int(blocks.size),
                        "dropped_tail": stream_len - int(blocks.size), "budget": cfg.max_tokens,
                        "budget_reached": cfg.max_tokens is not None and counts["target"] == cfg.max_tokens}
     stats["blocks"] = {"train": len(blocks), "block_size": cfg.block_size, "heldout": len(heldout_blocks),
                        "heldout_tokens": int(heldout_blocks.size)}
-    write_json_atomic(stage.path / "stats.json", stats)
-    stage.finish({"train_blocks": "train_blocks.npy", "heldout_blocks": "heldout_blocks.npy",
-                  "heldout": "heldout.jsonl", "stats": "stats.json"}, stats=stats)
-    print_corpus_stats(stats, stage.path)
-    return stage
+    write_json_atomic(out / "stats.json", stats)
+    print_corpus_stats(stats, out)
+    return stats
 
 
 def print_corpus_stats(stats: dict, where) -> None:

@@ -27,7 +27,8 @@ from workbench.evaluation.perplexity import perplexity
 from workbench.evaluation.table import accuracy_record, markdown_table, plot_table
 from workbench.pipelines.problems import generate_problems, supported_languages
 from workbench.pipelines.prompts import ENGLISH_TEMPLATE, PromptFormat, prompt_text
-from workbench.pipelines.stage import fingerprint, write_json_atomic
+from workbench.pipelines.stage import write_json_atomic
+from workbench.provenance import fingerprint
 
 # MGSM's English exemplar 1 (Shi et al., 2022; CC BY 4.0), the English counterpart of the YAMLs' exemplars.
 ENGLISH_FORMAT = PromptFormat(template=ENGLISH_TEMPLATE, exemplars=((
@@ -63,7 +64,7 @@ def generated_task(lang: str, n: int, seed: int, **kwargs) -> TaskSet:
     return TaskSet(name=f"generated_{lang}", items=items, **kwargs)
 
 
-def read_documents(path, limit: int | None = None) -> tuple:
+def read_document_lines(path, limit: int | None = None) -> tuple:
     """Held-out documents from a text file, one a line (blank lines skipped)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -92,9 +93,9 @@ def tasks_from_config(loaded, *, heldout_docs=None, mgsm_path=None) -> list:
         tasks.append(TaskSet(name, tuple(sample_items(rows, samples, MGSM_SAMPLE_SEED)), fmt, lang.digits, ev.n_shot))
     if ev.generated_problems:
         if lang.code not in supported_languages():
-            raise ConfigError(f"{loaded.source}: profiles.{loaded.profile_name}.eval.generated_problems: no "
-                              f"word-problem templates for {lang.code!r} (supported: "
-                              f"{', '.join(supported_languages())}); set it to 0")
+            raise loaded.where("eval.generated_problems").error(
+                f"no word-problem templates for {lang.code!r} (supported: {', '.join(supported_languages())}); "
+                f"set it to 0")
         tasks.append(generated_task(lang.code, ev.generated_problems, ev.generated_seed, fmt=fmt,
                                     digits=lang.digits, n_shot=ev.n_shot))
         if lang.code != "en":

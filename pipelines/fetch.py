@@ -26,7 +26,8 @@ from workbench.checkpoint import ModelReader, check_compatible
 from workbench.config.language import ModelSource, hub_id_problem
 from workbench.errors import (CheckpointError, ConfigError, HubUnavailableError, MissingDependencyError,
                               UnsafeCheckpointError)
-from workbench.pipelines.stage import cache_dir, file_sha256, write_json_atomic
+from workbench.pipelines.stage import write_json_atomic
+from workbench.provenance import cache_dir, file_sha256
 
 MANIFEST = "fetch.json"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",

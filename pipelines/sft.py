@@ -9,22 +9,15 @@ merge, a full safetensors model in `<stage>/model`.
 
 With enough pairs (20 or more), a seeded 5% (at most 64) is held out and its answer loss is logged.
 """
-import dataclasses
-import hashlib
 import importlib.util
-import json
+from pathlib import Path
 
 import numpy as np
 
-from workbench.config.schema import to_dict
 from workbench.errors import ConfigError, DataError
-from workbench.pipelines.identity import model_identity
+from workbench.pipelines.processes import is_main_process, main_process_first
 from workbench.pipelines.prompts import ENGLISH_TEMPLATE, PromptFormat, answer_text, prompt_text
-from workbench.pipelines.sources import iter_column, load_rows, local_identity, require_columns, resolve_local, \
-    select_rows
-from workbench.pipelines.stage import Stage, stage_for
-
-VERSION = 1
+from workbench.pipelines.sources import iter_column, load_rows, require_columns, resolve_local, select_rows
 
 
 def load_pairs(data, config_dir=None) -> list[tuple[str, str]]:
@@ -52,16 +45,6 @@ def load_pairs(data, config_dir=None) -> list[tuple[str, str]]:
         raise DataError(f"source {name!r}: no (question, answer) pairs in columns {q!r}, {a!r}"
                         + (f" after filter {dict(data.filter)}" if data.filter else ""))
     return pairs
-
-
-def data_identity(data, pairs, config_dir) -> dict:
-    """The SFT data for the stage key: settings, plus the file hash (local) or a hash of the pairs (generated)."""
-    out = to_dict(data)
-    if data.path:
-        out["file"] = local_identity(data.path, config_dir)
-    elif data.generated is not None:
-        out["pairs_sha256"] = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
-    return out
 
 
 def tokenize_pair(tokenizer, fmt: PromptFormat, question: str, answer: str, max_length: int):
@@ -106,29 +89,21 @@ def split_heldout(pairs, seed):
     return [pairs[i] for i in sorted(order[n_eval:])], [pairs[i] for i in sorted(order[:n_eval])]
 
 
-def run_sft(sft, base_dir, run_dir, prompt_fmt: PromptFormat | None = None, *, config_dir=None, name="task",
-            callbacks=()) -> Stage:
-    """Fine-tune `base_dir` on the pairs of `sft` (an `SftConfig`, or an expert config with `.sft`); the expert is
-    `<stage>/model`. Relative data paths resolve against `config_dir` (the language YAML's folder)."""
+def train_sft(sft, base_dir, out, prompt_fmt: PromptFormat | None = None, *, config_dir=None, name="task",
+              callbacks=()) -> dict:
+    """Fine-tune `base_dir` on the pairs of `sft` (an `SftConfig`, or an expert config with `.sft`) in `out`
+    (resumed when interrupted); the expert is `out/model`. Relative data paths resolve against `config_dir`
+    (the language YAML's folder). Returns the training summary with the pair counts."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from workbench.pipelines.training import barrier, is_main_process, main_process_first, print_summary, \
-        train_and_save
+    from workbench.pipelines.training import print_summary, train_and_save
 
     sft = getattr(sft, "sft", sft)
     if sft is None or not hasattr(sft, "data"):
         raise ConfigError(f"sft {name}: expected an sft section (data, train, max_length), got none")
     fmt = prompt_fmt or PromptFormat(template=ENGLISH_TEMPLATE)
-    with main_process_first():
+    with main_process_first():  # a hub data set is downloaded once, into the shared cache
         pairs = load_pairs(sft.data, config_dir)
-    inputs = {"version": VERSION, "model": model_identity(base_dir), "data": data_identity(sft.data, pairs, config_dir),
-              "max_length": sft.max_length, "train": to_dict(sft.train), "prompt": dataclasses.asdict(fmt)}
-    stage = stage_for(run_dir, f"sft-{name}", inputs)
-    if stage.done:
-        return stage
-    if is_main_process():
-        stage.start()
-    barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     train_pairs, eval_pairs = split_heldout(pairs, sft.data.seed)
     train_ds, dropped = build_dataset(tokenizer, fmt, train_pairs, sft.max_length)
@@ -140,14 +115,10 @@ def run_sft(sft, base_dir, run_dir, prompt_fmt: PromptFormat | None = None, *, c
     if padder.pad_token is None:
         padder.pad_token = padder.eos_token
     collator = DataCollatorForSeq2Seq(padder, padding=True, label_pad_token_id=-100)
-    summary = train_and_save(base_dir, tokenizer, sft.train, stage.path, train_dataset=train_ds,
-                             eval_dataset=eval_ds, collator=collator, count_tokens="non_padding",
-                             callbacks=callbacks)
+    summary = train_and_save(base_dir, tokenizer, sft.train, out, train_dataset=train_ds, eval_dataset=eval_ds,
+                             collator=collator, count_tokens="non_padding", callbacks=callbacks)
     if is_main_process():
-        stage.finish({"model": "model", "log_history": "log_history.json"}, pairs=len(pairs),
-                     train_pairs=len(train_ds), eval_pairs=len(eval_pairs), dropped_too_long=dropped, **summary)
-        print_summary(f"SFT ({name}; {len(train_ds)} pairs, {dropped} too long)", summary, stage.path / "model",
+        print_summary(f"SFT ({name}; {len(train_ds)} pairs, {dropped} too long)", summary, Path(out) / "model",
                       eval_label="held-out answer perplexity")
-    barrier()
-    return stage
-
+    return {"pairs": len(pairs), "train_pairs": len(train_ds), "eval_pairs": len(eval_pairs),
+            "dropped_too_long": dropped, **summary}

@@ -21,7 +21,7 @@ def resolve_local(path: str, base_dir) -> Path:
 
 def local_identity(path: str, base_dir) -> dict:
     """What a stage key needs to know of a local file: where it is and its content hash."""
-    from workbench.pipelines.stage import file_sha256
+    from workbench.provenance import file_sha256
 
     p = resolve_local(path, base_dir)
     return {"path": str(p.resolve()), "sha256": file_sha256(p) if p.is_file() else None}

@@ -2,36 +2,20 @@
 
 A stage's inputs are plain data: its config section, the keys of the stages it consumes, hashes of local
 files it reads, and the stage's own code version. The same inputs give the same key, hence the same
-directory (`<run_dir>/<name>-<key>/`); a stage is finished when its `stage.json` record exists. Work in
-progress (trainer checkpoints, partial shards) lives inside the directory, so an interrupted stage resumes
-where it stopped.
+directory (`<run_dir>/stages/<name>-<key>/`, see runner.py); a stage is finished when its `stage.json` record
+exists. The directory holds everything the stage makes, and its work in progress (trainer checkpoints,
+partial shards), so an interrupted stage resumes where it stopped.
 """
-import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.provenance import cache_dir, canonical as _canonical, file_sha256, fingerprint  # noqa: F401
+from workbench.provenance import canonical as _canonical, fingerprint
 
 RECORD = "stage.json"
-_FORCED: set = set()  # stage names (or name prefixes ending in "*") to redo although finished
-
-
-@contextlib.contextmanager
-def force_rerun(names):
-    """Within this block, stages with these names count as not done (`--from`): they run again."""
-    added = set(names) - _FORCED
-    _FORCED.update(added)
-    try:
-        yield
-    finally:
-        _FORCED.difference_update(added)
-
-
-def _forced(name: str) -> bool:
-    return name in _FORCED or any(f.endswith("*") and name.startswith(f[:-1]) for f in _FORCED)
 
 
 def write_json_atomic(path, data):
@@ -61,15 +45,19 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return (self.path / RECORD).is_file() and not _forced(self.name)
+        return (self.path / RECORD).is_file()
 
     def record(self) -> dict:
         """The finished stage's record: its inputs, outputs and timings."""
         return json.loads((self.path / RECORD).read_text(encoding="utf-8"))
 
-    def start(self) -> Path:
+    def start(self, *, fresh: bool = False) -> Path:
+        """Make the directory (keeping work in progress to resume from, or emptied when `fresh`: a forced rerun
+        starts over); the stage is unfinished until `finish`."""
+        if fresh:
+            shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / RECORD).unlink(missing_ok=True)  # a rerun is unfinished until it finishes
+        (self.path / RECORD).unlink(missing_ok=True)
         return self.path
 
     def finish(self, outputs: dict, **info) -> dict:

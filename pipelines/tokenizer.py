@@ -24,10 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 from workbench.errors import DataError
-from workbench.pipelines.identity import model_identity, tokenizer_identity
-from workbench.pipelines.stage import Stage, stage_for, write_json_atomic
+from workbench.pipelines.stage import write_json_atomic
 
-VERSION = 1
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # Scripts written without spaces between words: tokens per word means nothing there.
 UNSPACED_SCRIPTS = {"Jpan", "Hani", "Hans", "Hant", "Thai", "Laoo", "Khmr", "Mymr", "Tibt"}
@@ -147,42 +145,34 @@ def extend_vocabulary(model_dir, out_dir, texts, *, new_pieces: int, sp_vocab_si
             "pieces": chosen}
 
 
-def run_tokenizer(loaded, base_dir, text_stage: Stage, run_dir) -> Stage | None:
-    """Fertility report (and vocabulary extension when configured); None when the profile asks for neither."""
+def write_tokenizer_report(loaded, base_dir, text_dir, out: Path) -> dict | None:
+    """Fertility report into `out` (and the extended model in `out/model` when the profile asks for it) from the
+    documents of `text_dir` (`corpus.write_corpus_text`'s folder); None when the profile asks for neither."""
     from transformers import AutoTokenizer
 
-    from workbench.config.schema import to_dict
     from workbench.pipelines.corpus import read_heldout, read_training_text
 
     cfg = loaded.profile.tokenizer
     if not cfg.check and not cfg.extend_vocab:
         return None
     script = loaded.language.script
-    ident = model_identity(base_dir) if cfg.extend_vocab else tokenizer_identity(base_dir)
-    inputs = {"version": VERSION, "text": text_stage.key, "base": ident, "tokenizer": to_dict(cfg), "script": script}
-    stage = stage_for(run_dir, "tokenizer", inputs)
-    if stage.done:
-        return stage
-    stage.start()
-    train = read_training_text(text_stage)
-    texts = {"train": take_chars(train, SAMPLE_CHARS), "heldout": take_chars(read_heldout(text_stage), SAMPLE_CHARS)}
+    out = Path(out)
+    train = read_training_text(text_dir)
+    texts = {"train": take_chars(train, SAMPLE_CHARS), "heldout": take_chars(read_heldout(text_dir), SAMPLE_CHARS)}
     base = AutoTokenizer.from_pretrained(str(base_dir))
     report = {"script": script, "min_chars_per_token": cfg.min_chars_per_token,
               "base": {name: fertility(base, t, script=script) for name, t in texts.items()}}
-    outputs = {"report": "fertility.json", "model": None}
     if cfg.extend_vocab:
-        ext = extend_vocabulary(base_dir, stage.path / "model", train, new_pieces=cfg.new_pieces,
+        ext = extend_vocabulary(base_dir, out / "model", train, new_pieces=cfg.new_pieces,
                                 sp_vocab_size=cfg.sp_vocab_size, sp_model_type=cfg.sp_model_type)
-        write_json_atomic(stage.path / "pieces.json", ext.pop("pieces"))
-        extended = AutoTokenizer.from_pretrained(str(stage.path / "model"))
+        write_json_atomic(out / "pieces.json", ext.pop("pieces"))
+        extended = AutoTokenizer.from_pretrained(str(out / "model"))
         report["extended"] = {name: fertility(extended, t, script=script) for name, t in texts.items()}
         report["extension"] = ext
-        outputs.update(model="model", pieces="pieces.json")
     report["recommend_extension"] = report["base"]["train"]["chars_per_token"] < cfg.min_chars_per_token
-    write_json_atomic(stage.path / "fertility.json", report)
-    stage.finish(outputs, fertility=report)
-    print_tokenizer_report(report, stage.path)
-    return stage
+    write_json_atomic(out / "fertility.json", report)
+    print_tokenizer_report(report, out)
+    return report
 
 
 def print_tokenizer_report(report: dict, where) -> None:
@@ -193,11 +183,3 @@ def print_tokenizer_report(report: dict, where) -> None:
     if "extension" in report:
         e = report["extension"]
         print(f"  added {e['added']} pieces: vocabulary {e['vocab_before']} -> {e['vocab_after']}")
-
-
-def extended_model_dir(stage: Stage | None) -> Path | None:
-    """The model with the extended vocabulary, when the tokenizer stage made one."""
-    if stage is None:
-        return None
-    model = stage.record()["outputs"].get("model")
-    return stage.path / model if model else None

@@ -11,45 +11,15 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from workbench.errors import ConfigError
+from workbench.pipelines.processes import barrier, is_main_process
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
-
-
-def is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def process_state():
-    """accelerate's process state; without CUDA the processes form a CPU (gloo) group, as the Trainer's do."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def is_main_process() -> bool:
-    return not is_distributed() or process_state().is_main_process
-
-
-def barrier() -> None:
-    if is_distributed():
-        process_state().wait_for_everyone()
-
-
-@contextmanager
-def main_process_first():
-    """Data stages: the main process builds them, the others then find them done."""
-    if is_distributed():
-        with process_state().main_process_first():
-            yield
-    else:
-        yield
 
 
 def resolve_precision(precision: str) -> str:
@@ -89,7 +59,7 @@ def lora_config(cfg, model):
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM", **extra)
 
 
-def load_model(model_dir, cfg):
+def load_trainable_model(model_dir, cfg):
     """The model to train: fp32 weights (a frozen LoRA base in bf16 when training in bf16), LoRA applied."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -216,7 +186,7 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     stage_dir = Path(stage_dir)
     checkpoint = last_checkpoint(stage_dir / CHECKPOINTS)
     set_seed(cfg.seed)
-    model = load_model(model_dir, cfg)
+    model = load_trainable_model(model_dir, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = training_arguments(cfg, stage_dir / CHECKPOINTS, evaluate=eval_dataset is not None,
                               count_tokens=count_tokens, fresh=checkpoint is None)
@@ -261,11 +231,6 @@ def print_summary(what: str, s: dict, model_dir, eval_label="held-out perplexity
         print(f"  {eval_label} {s['initial_perplexity']:.2f} (step {s['initial_eval_step']}) -> "
               f"{s['final_perplexity']:.2f}")
     print(f"  model: {model_dir}")
-
-
-def expert_model_dir(stage) -> Path:
-    """The model directory a finished CT or SFT stage wrote."""
-    return stage.path / stage.record()["outputs"]["model"]
 
 
 def save_model_atomic(model, tokenizer, out_dir) -> Path:

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from workbench.bench.kernels import FRACTIONS, benchmark_inputs, ties_sv_merge
+from workbench.pipelines.bench.kernels import FRACTIONS, benchmark_inputs, ties_sv_merge
 from workbench.kernels.delta_stats import delta_stats
 from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.ties import ties_merge

@@ -9,7 +9,7 @@ case) go into the benchmark's extra_info.
 """
 import os
 
-from workbench.bench.merge import format_table, run_merge_benchmark
+from workbench.pipelines.bench.merge import format_table, run_merge_benchmark
 
 SIZE = os.environ.get("WORKBENCH_BENCH_MERGE_SIZE", "270m")
 

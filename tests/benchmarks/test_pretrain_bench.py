@@ -5,7 +5,7 @@ document to the block length, same tiny Llama, batch shape and LoRA. Run with:
 """
 import torch
 
-from workbench.pipelines.throughput import pretrain_throughput
+from workbench.pipelines.bench.pretrain import pretrain_throughput
 
 
 def test_ct_packed_vs_padded_throughput(benchmark, tiny_llama_factory, shared_data, tmp_path):

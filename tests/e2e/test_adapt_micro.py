@@ -94,17 +94,22 @@ def test_the_killed_run_resumes_without_repeating_corpus_or_ct(run):
     for name in ("fetch", "corpus", "tokenizer", "blocks", "language_expert"):
         assert after[name] == before[name], f"{name} ran again after the kill"
     assert "language_expert: done earlier" in run["resumed"].stdout
-    # The CT stage's own content folder was finished once and not redone.
-    pretrain = [json.loads(p.read_text()) for p in (run["dir"] / "work").glob("pretrain-*/stage.json")]
-    assert len(pretrain) == 1 and pretrain[0]["steps"] == 2
+    # The CT stage's folder (its record, model and log) was finished once and not redone.
+    ct = [json.loads(p.read_text()) for p in (run["dir"] / "stages").glob("language_expert-*/stage.json")]
+    assert len(ct) == 1 and ct[0]["outputs"]["summary"]["steps"] == 2
 
 
 def test_every_artifact_is_written(run):
     d = run["dir"]
     for name in ("report.md", "report.json", "report_assets/delta_heatmap.png", "report_assets/results.png",
-                 "evaluation/results.md", "evaluation/results.json", "evaluation/results.png", "run.json",
-                 "work/fetch.json"):
+                 "evaluation/results.md", "evaluation/results.json", "evaluation/results.png", "run.json"):
         assert (d / name).is_file() and (d / name).stat().st_size > 0, name
+    # One folder scheme: each stage's record and everything it made in <run>/stages/<name>-<key>/.
+    assert sorted(p.name for p in d.iterdir()) == ["evaluation", "report.json", "report.md", "report_assets",
+                                                   "run.json", "stages"]
+    fetch = Path(run["after_resume"]["fetch"]["path"])
+    assert (fetch / "fetch.json").is_file() and run["after_resume"]["fetch"]["outputs"]["manifest"] == str(
+        fetch / "fetch.json")
     recs = run["after_resume"]
     for merge in MERGES:
         model = Path(recs[f"merge-{merge}"]["path"]) / recs[f"merge-{merge}"]["outputs"]["model"]
@@ -130,6 +135,20 @@ def test_report_numbers_equal_the_evaluation_outputs(run):
             assert (metric["correct"], metric["n"]) == (sum(i["correct"] for i in items), len(items)), (model, task)
     ppl = results["rows"]["language"]["perplexity_sw"]["perplexity"]
     assert f"{ppl:.2f}" in (d / "report.md").read_text(encoding="utf-8")
+
+
+def test_perplexity_scores_the_heldout_documents_text(run):
+    """Every token after each document's first, of the held-out documents' text (not of heldout.jsonl's lines)."""
+    from transformers import AutoTokenizer
+
+    from workbench.pipelines.corpus import read_heldout
+
+    blocks = run["after_resume"]["blocks"]["outputs"]["corpus_stage"]
+    docs = read_heldout(blocks)[:4]  # eval.perplexity_docs of the fast variant
+    tokenizer = AutoTokenizer.from_pretrained(run["after_resume"]["fetch"]["outputs"]["models"]["base"])
+    want = sum(len(tokenizer(doc, add_special_tokens=True)["input_ids"]) - 1 for doc in docs)
+    for model, row in run["results"]["rows"].items():
+        assert (row["perplexity_sw"]["documents"], row["perplexity_sw"]["tokens"]) == (4, want), model
 
 
 def test_merged_models_load_and_give_finite_logits(run):

@@ -26,3 +26,35 @@ def sw_config():
         return load_language("sw", profile="micro", overrides=[*small, *overrides])
 
     return load
+
+
+
+def _corpus_text(loaded, folder):
+    from workbench.pipelines.corpus import write_corpus_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_corpus_text(loaded, folder)
+    return folder
+
+
+def _corpus_blocks(loaded, tokenizer_dir, root):
+    from workbench.pipelines.corpus import write_blocks
+
+    text = _corpus_text(loaded, root / "text")
+    blocks = root / "blocks"
+    blocks.mkdir(exist_ok=True)
+    write_blocks(loaded, tokenizer_dir, text, blocks)
+    return text, blocks
+
+
+@pytest.fixture
+def corpus_text():
+    """`make(loaded, folder)`: the corpus stage's work (`write_corpus_text`) in `folder`; returns the folder."""
+    return _corpus_text
+
+
+@pytest.fixture
+def corpus_blocks():
+    """`make(loaded, tokenizer_dir, root)`: the corpus and blocks stages' work in two folders under `root`, as
+    each stage does in its own; returns (text folder, blocks folder)."""
+    return _corpus_blocks

@@ -1,5 +1,6 @@
-"""Run by test_distributed.py under `accelerate launch`: the ordinary CT entry point, plus a callback that
-records what this rank computed (its own loss and a hash of its own batch at every training forward)."""
+"""Run by test_distributed.py under `accelerate launch`: the ordinary CT entry point (the adapt graph until the
+language expert, as `workbench pretrain` runs it), plus a callback that records what this rank computed (its
+own loss and a hash of its own batch at every training forward)."""
 import hashlib
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 from transformers import TrainerCallback
 
 from workbench.config.loader import load_language
-from workbench.pipelines.pretrain import run_language_expert
+from workbench.pipelines.adapt import build_graph
 
 
 class RankLog(TrainerCallback):
@@ -31,7 +32,8 @@ class RankLog(TrainerCallback):
 
 if __name__ == "__main__":
     base_dir, run_dir, *overrides = sys.argv[1:]
-    loaded = load_language("sw", overrides=overrides)
+    loaded = load_language("sw", overrides=[*overrides, f"base={{path: {base_dir}}}"])
     rank = os.environ.get("RANK", "0")
-    stage = run_language_expert(loaded, base_dir, run_dir, callbacks=[RankLog(os.path.join(run_dir, f"rank{rank}.json"))])
-    print(f"rank {rank}: stage {stage.path.name}")
+    graph = build_graph(loaded, run_dir, callbacks=[RankLog(os.path.join(run_dir, f"rank{rank}.json"))])
+    record = graph.execute(until="language_expert")["language_expert"]
+    print(f"rank {rank}: language expert {record['outputs']['model']}")

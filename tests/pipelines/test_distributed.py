@@ -1,5 +1,5 @@
-"""The CT stage under `accelerate launch` with two CPU processes (gloo DDP), unchanged: both ranks train on
-their own batches, the loss falls, and only the main process writes the model.
+"""The CT stages under `accelerate launch` with two CPU processes (gloo DDP): both ranks train on their own
+batches, the loss falls, and only the main process runs the data stages and writes the model and the records.
 
 `accelerate launch --cpu --num_processes 2` starts several CPU processes only through mpirun (it needs a
 hostfile) and otherwise runs one; `--multi_gpu --num_processes 2` starts two torchrun workers, which find no
@@ -45,10 +45,14 @@ def test_two_cpu_processes_train_and_save_once(tmp_path, tiny_llama_factory):
 
     assert log.count("training blocks of 64 tokens") == 1  # the main process built the corpus, the other reused it
     assert log.count("wrote the model to") == 1  # only the main process writes
-    (stage_dir,) = run_dir.glob("pretrain-*")
-    record = json.loads((stage_dir / "stage.json").read_text())
-    assert record["steps"] == steps and record["tokens_seen"] == steps * batch * block * 2
-    assert record["final_perplexity"] < record["initial_perplexity"]
+    (stage_dir,) = (run_dir / "stages").glob("language_expert-*")
+    summary = json.loads((stage_dir / "stage.json").read_text())["outputs"]["summary"]
+    assert summary["steps"] == steps and summary["tokens_seen"] == steps * batch * block * 2
+    assert summary["final_perplexity"] < summary["initial_perplexity"]
     assert sorted(p.name for p in stage_dir.iterdir()) == ["log_history.json", "model", "stage.json"]
+    # Each stage ran once, in the main process (one record each, written once: one "finished" line each).
+    assert {p.name.rsplit("-", 1)[0] for p in (run_dir / "stages").iterdir()} == {
+        "fetch", "corpus", "tokenizer", "blocks", "language_expert"}
+    assert log.count("language_expert: finished in") == 1 and log.count("corpus: finished in") == 1
     model = AutoModelForCausalLM.from_pretrained(stage_dir / "model")
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -14,7 +14,7 @@ from workbench.config.loader import load_language
 from workbench.errors import (ConfigError, HubUnavailableError, IncompatibleModelsError, MissingDependencyError,
                               UnsafeCheckpointError)
 from workbench.pipelines.fetch import fetch_profile, parse_model_arg, resolve_model
-from workbench.pipelines.stage import file_sha256
+from workbench.provenance import file_sha256
 
 PROFILE_YAML = """\
 code: xx

@@ -1,6 +1,8 @@
-"""The stage graph: keys chain through dependencies, reruns skip, --from and --only select, changes propagate."""
+"""The stage graph: keys chain through dependencies, reruns skip, --from, --only and until select, changes
+propagate; one folder per stage under <run>/stages; one run at a time holds a run directory."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,34 @@ def test_one_run_at_a_time_holds_a_run_directory(tmp_path):
     build(tmp_path, calls, settings).execute(log=lambda *_: None)  # the killed run's lock is taken over
     assert calls == ["corpus", "pretrain", "merge:ties", "merge:ta", "report"]
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_until_runs_a_stage_and_what_it_needs_and_skips_finished_ones(tmp_path):
+    settings = {"block": 256, "steps": 10, "ties": 0.3}
+    calls = []
+    records = build(tmp_path, calls, settings).execute(until="pretrain", log=lambda *_: None)
+    assert calls == ["corpus", "pretrain"] and set(records) == {"corpus", "pretrain"}
+    calls.clear()
+    build(tmp_path, calls, settings).execute(log=lambda *_: None)
+    assert calls == ["merge:ties", "merge:ta", "report"]  # the full run finds the CT stages done
+    calls.clear()
+    build(tmp_path, calls, settings).execute(until="merge:ties", from_stage="pretrain", log=lambda *_: None)
+    assert calls == ["pretrain", "merge:ties"]
+
+
+def test_every_stage_lives_in_one_folder_under_stages(tmp_path):
+    records = build(tmp_path, [], {"block": 256, "steps": 10, "ties": 0.3}).execute(log=lambda *_: None)
+    for name, record in records.items():
+        folder = Path(record["path"])
+        assert folder.parent == tmp_path / "stages" and folder.name.startswith(name.replace(":", "-") + "-")
+        assert sorted(p.name for p in folder.iterdir()) == ["out.txt", "stage.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "stages"]
+
+
+def test_a_forced_stage_starts_from_an_empty_folder(tmp_path):
+    settings = {"block": 256, "steps": 10, "ties": 0.3}
+    records = build(tmp_path, [], settings).execute(log=lambda *_: None)
+    leftover = Path(records["pretrain"]["path"]) / "leftover.txt"
+    leftover.write_text("from the last run")
+    build(tmp_path, [], settings).execute(from_stage="pretrain", log=lambda *_: None)
+    assert not leftover.exists()

@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from workbench.config.language import LoraSettings, SftConfig, SftData, TrainConfig
 from workbench.errors import DataError, HubUnavailableError
 from workbench.pipelines.prompts import ENGLISH_TEMPLATE, PromptFormat, answer_text, prompt_text
-from workbench.pipelines.sft import load_pairs, run_sft, tokenize_pair
-from workbench.pipelines.training import expert_model_dir
+from workbench.pipelines.sft import load_pairs, tokenize_pair, train_sft
 
 FMT = PromptFormat(template=ENGLISH_TEMPLATE)
 
@@ -74,15 +73,16 @@ def test_sft_lowers_the_loss_on_the_training_problems(tmp_path, tiny_llama_facto
                     train=TrainConfig(method="lora", lora=LoraSettings(rank=8, dropout=0.0, train_embeddings=True),
                                       learning_rate=1e-2, max_steps=12, batch_size=8, save_steps=6, eval_steps=6,
                                       logging_steps=3))
-    stage = run_sft(cfg, base_dir, tmp_path / "run", FMT, name="math")
-    record = stage.record()
-    assert stage.path.name.startswith("sft-math-") and record["steps"] == 12
+    out = tmp_path / "expert"
+    out.mkdir()
+    record = train_sft(cfg, base_dir, out, FMT, name="math")
+    assert record["steps"] == 12 and sorted(p.name for p in out.iterdir()) == ["log_history.json", "model"]
     assert (record["pairs"], record["eval_pairs"], record["train_pairs"], record["dropped_too_long"]) == (48, 2, 46, 0)
     assert record["final_eval_loss"] < record["initial_eval_loss"]
     before = answer_loss(base_dir, tiny_tokenizer, pairs[:16])
-    after = answer_loss(expert_model_dir(stage), tiny_tokenizer, pairs[:16])
+    after = answer_loss(out / "model", tiny_tokenizer, pairs[:16])
     assert after < before - 1.0, (before, after)  # nats per answer token
-    assert not (expert_model_dir(stage) / "adapter_config.json").exists()
+    assert not (out / "model" / "adapter_config.json").exists()
     # Only real tokens are counted: the batches are padded per batch.
     lengths = [len(tokenize_pair(tiny_tokenizer, FMT, q, a, 128)["input_ids"]) for q, a in pairs]
     assert record["tokens_seen"] < 12 * 8 * max(lengths)
@@ -109,4 +109,5 @@ def test_generated_problems_feed_sft(tmp_path, tiny_llama_factory):
     assert len(pairs) == 24 and all(q and a for q, a in pairs)
     cfg = SftConfig(data=SftData(generated=24, lang="en", seed=0), max_length=192,
                     train=TrainConfig(max_steps=2, batch_size=4, save_steps=2, eval_steps=2))
-    assert run_sft(cfg, base_dir, tmp_path / "run", FMT).record()["steps"] == 2
+    (tmp_path / "expert").mkdir()
+    assert train_sft(cfg, base_dir, tmp_path / "expert", FMT)["steps"] == 2

@@ -1,4 +1,5 @@
-"""Stage keys: equal inputs give the same directory; a change in any input gives another; records are atomic."""
+"""Stage keys: equal inputs give the same directory; a change in any input gives another; records are atomic;
+a forced rerun starts from an empty folder, an interrupted stage keeps its work in progress."""
 from workbench.config.loader import load_language
 from workbench.pipelines.stage import fingerprint, stage_for
 
@@ -25,13 +26,12 @@ def test_stage_done_only_after_finish(tmp_path):
     assert not stage_for(tmp_path, "corpus", {"x": 2}).done
 
 
-def test_forced_stages_run_again(tmp_path):
-    from workbench.pipelines.stage import force_rerun
-
-    stage = stage_for(tmp_path, "merge-ties", {"x": 1})
+def test_a_fresh_start_empties_the_folder_and_a_plain_one_keeps_work_in_progress(tmp_path):
+    stage = stage_for(tmp_path, "language_expert", {"x": 1})
     stage.start()
+    (stage.path / "checkpoints").mkdir()
+    stage.start()  # an interrupted stage resumes from what it left
+    assert (stage.path / "checkpoints").is_dir() and not stage.done
     stage.finish({})
-    with force_rerun(["merge-*"]):
-        assert not stage_for(tmp_path, "merge-ties", {"x": 1}).done
-        assert stage_for(tmp_path, "corpus", {"x": 1}).done is False  # never ran
-    assert stage_for(tmp_path, "merge-ties", {"x": 1}).done
+    stage.start(fresh=True)  # a forced rerun starts over
+    assert list(stage.path.iterdir()) == [] and not stage.done

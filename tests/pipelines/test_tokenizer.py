@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workbench.config.loader import load_language
-from workbench.pipelines.corpus import read_heldout, run_corpus_text
-from workbench.pipelines.tokenizer import extended_model_dir, fertility, run_tokenizer
+from workbench.pipelines.corpus import read_heldout
+from workbench.pipelines.tokenizer import fertility, write_tokenizer_report
 
 
 def lines(shared_data, lang, n=60):
@@ -29,19 +29,22 @@ def test_fertility_figures(tiny_tokenizer, shared_data):
 
 
 @pytest.mark.parametrize("lang,tie", [("te", True), ("ja", False)])
-def test_vocabulary_extension_lowers_fertility_and_the_model_runs(lang, tie, tmp_path, tiny_llama_factory):
+def test_vocabulary_extension_lowers_fertility_and_the_model_runs(lang, tie, tmp_path, tiny_llama_factory,
+                                                                  corpus_text):
     base_dir, base_state = tiny_llama_factory("base", tie=tie)
     loaded = load_language(lang, overrides=["tokenizer.extend_vocab=true", "tokenizer.new_pieces=200",
                                             "tokenizer.sp_vocab_size=1500"])
-    text = run_corpus_text(loaded, tmp_path / "run")
-    stage = run_tokenizer(loaded, base_dir, text, tmp_path / "run")
-    report = json.loads((stage.path / "fertility.json").read_text())
+    text = corpus_text(loaded, tmp_path / "text")
+    out = tmp_path / "tokenizer"
+    out.mkdir()
+    report = write_tokenizer_report(loaded, base_dir, text, out)
+    assert json.loads((out / "fertility.json").read_text()) == report
     assert report["recommend_extension"]
     for split in ("train", "heldout"):  # held-out text was not seen by sentencepiece either
         assert report["extended"][split]["chars_per_token"] > 1.4 * report["base"][split]["chars_per_token"]
     assert report["extension"]["added"] == 200 and report["extension"]["vocab_after"] == 712
 
-    model_dir = extended_model_dir(stage)
+    model_dir = out / "model"
     base_tok = AutoTokenizer.from_pretrained(base_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     for doc in read_heldout(text)[:20]:
@@ -56,7 +59,7 @@ def test_vocabulary_extension_lowers_fertility_and_the_model_runs(lang, tie, tmp
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 
-    pieces = json.loads((stage.path / "pieces.json").read_text())
+    pieces = json.loads((out / "pieces.json").read_text())
     stored = load_file(str(model_dir / "model.safetensors"))
     for piece in pieces[:5]:
         spelled = base_tok(piece["piece"], add_special_tokens=False)["input_ids"]

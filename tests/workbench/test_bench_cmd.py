@@ -73,7 +73,7 @@ def test_merge_unknown_case_is_one_line(capsys, tmp_path):
 
 
 def test_merge_help_lists_every_case(capsys):
-    from workbench.bench.merge import CASE_NAMES
+    from workbench.pipelines.bench.merge import CASE_NAMES
 
     with pytest.raises(SystemExit):
         main(["bench", "merge", "--help"])

@@ -12,21 +12,12 @@ resumes an interrupted one; changing a setting reruns only the stages it affects
 import time
 from pathlib import Path
 
-from workbench.cli.common import add_config_arguments
-
-# --from STAGE also redoes the content stages behind it (which key their own folders under <run>/work).
-CONTENT_STAGES = {
-    "corpus": ["corpus-text", "corpus", "tokenizer", "pretrain"],
-    "tokenizer": ["tokenizer", "corpus", "pretrain"],
-    "blocks": ["corpus", "pretrain"],
-    "language_expert": ["pretrain", "sft-language"],
-    "expert": ["sft-*"],
-}
+from workbench.cli.common import add_config_arguments, add_run_dir_argument
 
 
 def add_arguments(parser):
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", metavar="D", help="run directory (default: runs/<lang>-<profile>[-fast])")
+    add_run_dir_argument(parser)
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on "
                         "(fetch, corpus, tokenizer, blocks, language_expert, expert, analyze, merge, evaluate, report)")
     parser.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be done)")
@@ -35,14 +26,13 @@ def add_arguments(parser):
 
 
 def run(args):
-    from workbench.cli.common import load_config
+    from workbench.cli.common import load_config, run_dir_of
     from workbench.outputs import check_apart
     from workbench.pipelines.adapt import build_graph
-    from workbench.pipelines.stage import force_rerun
+    from workbench.pipelines.runner import clock
 
     loaded = load_config(args, fast=args.fast)
-    name = f"{loaded.language.code}-{loaded.profile_name}" + ("-fast" if args.fast else "")
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    run_dir = run_dir_of(args, loaded)
     graph = build_graph(loaded, run_dir)
     lang = loaded.language
     head = f"workbench adapt: {lang.name} ({lang.code}), profile {loaded.profile_name}" + \
@@ -54,17 +44,9 @@ def run(args):
         return 0
     check_apart({"run directory": run_dir}, loaded.local_inputs(), option="--run-dir")
     print(head)
-    _quiet_library_progress()
+    quiet_library_progress()
     started = time.perf_counter()
-    forced = []
-    if args.from_stage:
-        order = list(CONTENT_STAGES)
-        group = args.from_stage.split(":")[0]
-        if group in order:
-            for g in order[order.index(group):]:
-                forced += CONTENT_STAGES[g]
-    with force_rerun(forced):
-        records = graph.execute(from_stage=args.from_stage, only=args.only)
+    records = graph.execute(from_stage=args.from_stage, only=args.only)
     if "report" in records:
         report = records["report"]["outputs"]
         table = Path(records["evaluate"]["outputs"]["markdown"]).read_text(encoding="utf-8")
@@ -78,11 +60,11 @@ def run(args):
 
             print(f"\nrecommended model ({best}): {eval_models(records, loaded.profile)[best]}")
         print(f"report: {report['markdown']}")
-    print(f"total time {_clock(time.perf_counter() - started)}")
+    print(f"total time {clock(time.perf_counter() - started)}")
     return 0
 
 
-def _quiet_library_progress():
+def quiet_library_progress():
     """One progress display for the run: the stage lines and our own step lines, not the libraries' nested bars
     (datasets' map and save bars, transformers' weight-loading and GGUF conversion bars)."""
     import datasets
@@ -96,7 +78,3 @@ def _statements(report_json):
     import json
 
     return json.loads(Path(report_json).read_text(encoding="utf-8"))["verdict"]["statements"]
-
-
-def _clock(seconds):
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

@@ -104,7 +104,7 @@ def _progress(message: str):
 def _run_kernels(args):
     import torch
 
-    from workbench.bench.kernels import format_kernel_table, run_kernel_benchmark
+    from workbench.pipelines.bench.kernels import format_kernel_table, run_kernel_benchmark
 
     sizes = [parse_count(s) for s in args.sizes]
     _positive("--repeats", args.repeats)
@@ -123,7 +123,7 @@ def _run_kernels(args):
 
 
 def _run_merge(args):
-    from workbench.bench.merge import CASE_NAMES, format_table, run_merge_benchmark
+    from workbench.pipelines.bench.merge import CASE_NAMES, format_table, run_merge_benchmark
     from workbench.provenance import cache_dir
 
     only = None
@@ -143,7 +143,7 @@ def _run_merge(args):
 
 
 def _run_pretrain(args):
-    from workbench.pipelines.throughput import pretrain_throughput
+    from workbench.pipelines.bench.pretrain import pretrain_throughput
 
     for option in ("steps", "batch_size", "block_size", "repeats"):
         _positive("--" + option.replace("_", "-"), getattr(args, option))

@@ -1,4 +1,5 @@
-"""Arguments shared by the config-driven commands (--lang, --profile, --set)."""
+"""Arguments shared by the config-driven commands (--lang, --profile, --set, --run-dir)."""
+from pathlib import Path
 
 
 def add_config_arguments(parser, *, required=True):
@@ -15,3 +16,15 @@ def load_config(args, *, fast=False):
     from workbench.config.loader import load_language
 
     return load_language(args.lang, profile=args.profile, overrides=args.overrides, fast=fast)
+
+
+def add_run_dir_argument(parser):
+    parser.add_argument("--run-dir", metavar="D", help="run directory (default: runs/<lang>-<profile>[-fast]; "
+                        "`adapt` and `pretrain` share it, so a language expert pretrained there is reused)")
+
+
+def run_dir_of(args, loaded) -> Path:
+    """--run-dir, or runs/<lang>-<profile>[-fast] under the working directory."""
+    if args.run_dir:
+        return Path(args.run_dir)
+    return Path("runs") / (f"{loaded.language.code}-{loaded.profile_name}" + ("-fast" if args.fast else ""))

@@ -61,7 +61,7 @@ def model_arguments(texts) -> dict:
 def _tasks_without_config(args, settings):
     from workbench.evaluation.mgsm import read_mgsm_tsv, sample_items
     from workbench.pipelines.evaluate import (MGSM_SAMPLE_SEED, PerplexitySet, TaskSet, generated_task,
-                                              read_documents)
+                                              read_document_lines)
 
     tasks = []
     if args.mgsm:
@@ -70,7 +70,7 @@ def _tasks_without_config(args, settings):
     if args.generated:
         tasks.append(generated_task("en", args.generated, settings.generated_seed, n_shot=settings.n_shot))
     if args.heldout:
-        tasks.append(PerplexitySet("perplexity", read_documents(args.heldout, settings.perplexity_docs)))
+        tasks.append(PerplexitySet("perplexity", read_document_lines(args.heldout, settings.perplexity_docs)))
     return tasks
 
 
@@ -79,7 +79,7 @@ def run(args):
 
     from workbench.config.language import EvalConfig
     from workbench.outputs import check_apart
-    from workbench.pipelines.evaluate import evaluate_models, read_documents, tasks_from_config
+    from workbench.pipelines.evaluate import evaluate_models, read_document_lines, tasks_from_config
 
     hf_logging.disable_progress_bar()  # one progress line per task instead
     models = model_arguments(args.models)
@@ -89,7 +89,7 @@ def run(args):
         args.overrides = list(args.overrides) + _overrides(args)
         loaded = load_config(args)
         settings = loaded.profile.eval
-        docs = read_documents(args.heldout) if args.heldout else None
+        docs = read_document_lines(args.heldout) if args.heldout else None
         tasks = tasks_from_config(loaded, heldout_docs=docs, mgsm_path=args.mgsm)
     else:
         settings = EvalConfig(**{k.split(".")[-1]: v for k, v in _overrides(args) if k.count(".") == 1})

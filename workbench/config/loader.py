@@ -1,15 +1,18 @@
-"""Find, read and validate language configs; apply command-line overrides and the --fast variant."""
+"""Find, read and validate language configs: resolve each profile's `extends`, apply command-line overrides and
+the --fast variant."""
 import copy
+import difflib
 import importlib.resources
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from workbench.config.inheritance import EXTENDS, forget_below, overlay, own_origins
 from workbench.config.language import LanguageConfig, Profile
-from workbench.config.schema import Where, parse
-from workbench.errors import ConfigError
+from workbench.config.schema import Origin, Where, parse
+from workbench.errors import ConfigError, format_path
 from workbench.user_files import read_text, refuse_special
 
 
@@ -23,11 +26,17 @@ def available_languages() -> dict[str, Path]:
     return {p.stem: p for p in sorted(shipped_languages_dir().glob("*.yaml"))}
 
 
+def shared_profiles() -> dict[str, Path]:
+    """Shared profile name -> its YAML file (`languages/profiles/<name>.yaml`), what `extends: <name>` names."""
+    return {p.stem: p for p in sorted((shipped_languages_dir() / "profiles").glob("*.yaml"))}
+
+
 def display_name(path: Path) -> str:
-    """`languages/sw.yaml` for a shipped file, the path as given otherwise."""
+    """`languages/sw.yaml` (or `languages/profiles/micro.yaml`) for a shipped file, the path as given otherwise."""
     path = Path(path)
-    if path.parent.resolve() == shipped_languages_dir().resolve():
-        return f"languages/{path.name}"
+    root = shipped_languages_dir().resolve()
+    if path.resolve().is_relative_to(root):
+        return "languages/" + path.resolve().relative_to(root).as_posix()
     return str(path)
 
 
@@ -100,6 +109,48 @@ def _check_expanded_size(data, source: str):
     size(data)
 
 
+def extends_target(value, file: Path, where: Where) -> Path:
+    """The file `extends: value` names: a shared profile by name, or a YAML file relative to `file`'s folder."""
+    shared = shared_profiles()
+    expected = f"the name of a shared profile ({', '.join(shared)}) or the path of a profile YAML file"
+    if not isinstance(value, str) or not value.strip():
+        raise where.error(f"expected {expected}, got {value!r}")
+    if value.endswith((".yaml", ".yml")) or "/" in value:
+        target = Path(file).resolve().parent / value
+        if not target.is_file():
+            raise where.error(f"no such file {target}; expected {expected}")
+        return target
+    if value not in shared:
+        close = difflib.get_close_matches(value, shared, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise where.error(f"no shared profile {value!r}{hint}; expected {expected}")
+    return shared[value]
+
+
+def resolve_extends(tree, file: Path, source: str, at: tuple = (), chain: tuple = ()):
+    """The profile `tree` (at key path `at` in `file`) laid over what it extends, recursively ->
+    (tree, {key path: Origin of an inherited value, or None}, [the files it extends, nearest first])."""
+    if not isinstance(tree, dict) or EXTENDS not in tree:
+        return tree, {}, []
+    own = {k: v for k, v in tree.items() if k != EXTENDS}
+    where = Where(source, at + (EXTENDS,))
+    target = extends_target(tree[EXTENDS], file, where)
+    parent_source = display_name(target)
+    seen = chain + (Path(file).resolve(),)
+    if target.resolve() in seen:
+        loop = " -> ".join(display_name(p) for p in seen + (target,))
+        raise where.error(f"the profiles extend each other in a loop ({loop}); expected a chain that ends")
+    parent = read_yaml(target, parent_source)
+    if not isinstance(parent, dict):
+        raise ConfigError(f"{parent_source}: expected a profile (a mapping of its keys) at the top level, "
+                          f"got {type(parent).__name__}")
+    parent, parent_origins, parents = resolve_extends(parent, target, parent_source, (), seen)
+    inherited = own_origins(parent, Origin(parent_source, (), ""))
+    inherited.update({p: o for p, o in parent_origins.items() if o is not None})
+    resolved, origins = overlay(parent, inherited, own)
+    return resolved, origins, [parent_source] + parents
+
+
 _KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
@@ -134,6 +185,21 @@ def set_key(tree, parts: list, value, source: str, full_key: str):
             node = node[part]
 
 
+def under_null(tree, parts: list) -> bool:
+    """Whether a mapping on the way to the key is set to null in the tree."""
+    node = tree
+    for part in parts[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+        if node is None:
+            return True
+    return False
+
+
 def parse_override(text: str):
     """`KEY=VALUE` from the command line; VALUE is read as YAML (numbers, true/false, lists)."""
     if "=" not in text:
@@ -155,11 +221,17 @@ class LoadedConfig:
     profile_name: str
     file: Path
     source: str  # how errors name the file
-    raw: dict  # the tree after overrides, before validation (for hashing and the report)
+    raw: dict  # the tree after `extends`, overrides and --fast, before validation (for hashing and the report)
+    origins: dict = field(default_factory=dict, repr=False)  # key path -> Origin of an inherited value
+    extends: dict = field(default_factory=dict)  # profile -> the files it extends, nearest first
 
     @property
     def profile(self) -> Profile:
         return self.language.profiles[self.profile_name]
+
+    def where(self, key: str) -> Where:
+        """The place of a profile key (`corpus.max_tokens`), for errors that name the file and key that set it."""
+        return Where(self.source, ("profiles", self.profile_name, *split_key(key)), self.origins)
 
     @property
     def base_dir(self) -> Path:
@@ -208,6 +280,12 @@ def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=F
     profiles = raw.get("profiles")
     if not isinstance(profiles, dict) or not profiles:
         parse(LanguageConfig, raw, Where(source))  # reports the missing or malformed keys
+    origins, extends = {}, {}
+    for pname, tree in profiles.items():
+        at = ("profiles", pname)
+        profiles[pname], inherited, extends[pname] = resolve_extends(tree, path, source, at)
+        heir = f"{format_path(at)} of {source}"
+        origins.update({at + p: o and Origin(o.source, o.path, heir) for p, o in inherited.items()})
     if profile is None:
         profile = "micro" if "micro" in profiles else next(iter(profiles), None)
     if profile not in profiles:
@@ -219,16 +297,22 @@ def load_language(lang: str, *, profile: str | None = None, overrides=(), fast=F
     if fast:
         fast_tree = profiles[profile].get("fast") or {}
         if not isinstance(fast_tree, dict):
-            raise ConfigError(f"{source}: profiles.{profile}.fast: expected a mapping of dotted keys to values")
-        edits += [(f"profiles.{profile}.{k}", v) for k, v in fast_tree.items()]
+            raise Where(source, ("profiles", profile, "fast"), origins).error(
+                "expected a mapping of dotted keys to values")
+        # A shared fast variant may shrink a section this profile switches off (`eval.mgsm: null` for a language
+        # without MGSM): that key is skipped rather than bringing the section back half-made.
+        edits += [(f"profiles.{profile}.{k}", v) for k, v in fast_tree.items()
+                  if not under_null(raw, split_key(f"profiles.{profile}.{k}"))]
     for text in overrides:
         key, value = parse_override(text) if isinstance(text, str) else text
         first = split_key(key)[0]
         edits.append((key if first in top_keys else f"profiles.{profile}.{key}", value))
     for key, value in edits:
         set_key(raw, split_key(key), value, source, key)
-    language = parse(LanguageConfig, raw, Where(source))
-    return LoadedConfig(language=language, profile_name=profile, file=path, source=source, raw=raw)
+        forget_below(origins, tuple(split_key(key)))
+    language = parse(LanguageConfig, raw, Where(source, (), origins))
+    return LoadedConfig(language=language, profile_name=profile, file=path, source=source, raw=raw,
+                        origins=origins, extends={p: chain for p, chain in extends.items() if chain})
 
 
 def validate_all_shipped() -> dict[str, LanguageConfig]:

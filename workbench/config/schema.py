@@ -9,24 +9,56 @@ import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from workbench.errors import ConfigError, format_path
 
 
 @dataclass(frozen=True)
+class Origin:
+    """The file and key path that set a value which a profile inherited (`extends`)."""
+
+    source: str  # how errors name that file, e.g. languages/profiles/micro.yaml
+    path: tuple  # the key path inside it
+    heir: str  # who inherited it, e.g. "profiles.micro of languages/sw.yaml"
+
+
+@dataclass(frozen=True)
 class Where:
-    """Where a value sits: the file it came from and its key path inside it."""
+    """Where a value sits: the file it came from and its key path inside it.
+
+    `origins` maps key paths of an inherited tree to the Origin of the value there (None: set in `source`
+    itself), so an error names the file and key that set the bad value, not only the file that inherited it.
+    """
 
     source: str
     path: tuple = ()
+    origins: Optional[Mapping] = field(default=None, compare=False, repr=False)
 
     def __truediv__(self, key):
-        return Where(self.source, self.path + (key,))
+        return Where(self.source, self.path + (key,), self.origins)
+
+    def origin(self) -> Optional[Origin]:
+        """The Origin of the value here when another file set it (the longest recorded key path wins)."""
+        if not self.origins:
+            return None
+        for n in range(len(self.path), -1, -1):
+            if self.path[:n] in self.origins:
+                found = self.origins[self.path[:n]]
+                return None if found is None else Origin(found.source, found.path + self.path[n:], found.heir)
+        return None
+
+    def located(self) -> str:
+        """`file: key` of the file and key that set the value here."""
+        found = self.origin()
+        source, path = (found.source, found.path) if found else (self.source, self.path)
+        key = format_path(path)
+        return f"{source}: {key}" if key else source
 
     def error(self, message) -> ConfigError:
-        key = format_path(self.path)
-        return ConfigError(f"{self.source}: {key + ': ' if key else ''}{message}")
+        found = self.origin()
+        inherited = f" (inherited by {found.heir})" if found else ""
+        return ConfigError(f"{self.located()}: {message}{inherited}")
 
 
 # Integers beyond 32 bits are never a count, size, step or seed a run can use, and they overflow the

@@ -28,7 +28,7 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
     import datasets
     from transformers import Trainer, default_data_collator, set_seed
 
-    from workbench.pipelines.training import load_model, make_trainer_class, training_arguments, use_step_log
+    from workbench.pipelines.training import load_trainable_model, make_trainer_class, training_arguments, use_step_log
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -39,7 +39,7 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
         rows["attention_mask"].append([1] * len(doc) + [0] * fill)
         rows["labels"].append(doc + [-100] * fill)
     set_seed(cfg.seed)
-    model = load_model(model_dir, cfg)
+    model = load_trainable_model(model_dir, cfg)
     args = training_arguments(cfg, work_dir / "padded", evaluate=False, count_tokens="non_padding", fresh=True)
     timer = make_trainer_class()[1]()
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows).with_format("torch"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.bench.processes import run_measured, warm_page_cache
+from workbench.pipelines.bench.processes import run_measured, warm_page_cache
 from workbench.checkpoint import ShardedWriter
 from workbench.errors import ConfigError
 

@@ -1,1 +1,0 @@
-"""Benchmarks a user can run and compare (`workbench bench kernels|merge|pretrain`)."""
