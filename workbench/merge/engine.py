@@ -26,6 +26,7 @@ from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.topk_threshold import topk_thresholds_multi
 from workbench.merge.card import build_report, render_card
 from workbench.merge.methods import TensorMerge, merge_tensor
+from workbench.merge.model_card import publication
 from workbench.merge.plan import build_plan
 from workbench.merge.recipe import MergeRecipe
 from workbench.provenance import file_identity, fingerprint
@@ -246,8 +247,12 @@ def _auto_profiles(recipe, readers, names, progress) -> dict | None:
 
 
 def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_nonfinite=False, overwrite=False,
-              max_shard_bytes=DEFAULT_SHARD_BYTES, progress=True, source="recipe") -> MergeResult:
-    """Merge `models` ({reference in the recipe: model directory}) by `recipe` into `out_dir`."""
+              max_shard_bytes=DEFAULT_SHARD_BYTES, progress=True, source="recipe", card=None) -> MergeResult:
+    """Merge `models` ({reference in the recipe: model directory}) by `recipe` into `out_dir`.
+
+    `card`: what the caller knows for the model card (see `model_card.publication`): input origins,
+    languages, datasets, how the merge was made.
+    """
     started = time.perf_counter()
     missing = [ref for ref in recipe.references() if ref not in models]
     if missing:
@@ -274,6 +279,7 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
         elapsed = time.perf_counter() - started
         report = build_report(recipe, models, readers, plan, compat, writer.records(), thresholds,
                               profiles, elapsed, device)
+        report["publication"] = publication(report, card)
         writer.extra_files.update({"merge_report.json": _json(report), "README.md": render_card(report)})
         if recipe.dtype != "auto":
             writer.extra_files["config.json"] = _config_with_dtype(models[plan.config_source], recipe.dtype)
