@@ -22,7 +22,7 @@ def add_arguments(parser):
 
 def run(args):
     from workbench.export.gguf_export import check_output, export_gguf
-    from workbench.export.modelfile import write_modelfile
+    from workbench.export.modelfile import run_commands, write_modelfile
 
     check_output(args.gguf, force=args.force)
     model_dir = Path(args.model_dir)
@@ -33,12 +33,12 @@ def run(args):
     print(f"  sha256 {result.sha256} (manifest: {result.manifest})")
     for note in result.notes:
         print(f"  note: {note}")
+    commands = run_commands(result.path, _ollama_name(name))
     if not args.no_modelfile:
-        modelfile = write_modelfile(result.path, chat_template=result.chat_template, stop_tokens=result.stop_tokens,
-                                    bos_token=result.bos_token, model_name=_ollama_name(name))
-        print(f"  Ollama: cd {modelfile.parent} && ollama create {_ollama_name(name)} -f Modelfile && "
-              f"ollama run {_ollama_name(name)}")
-    print(f"  llama.cpp: llama-cli -m {result.path} -cnv")
+        write_modelfile(result.path, chat_template=result.chat_template, stop_tokens=result.stop_tokens,
+                        bos_token=result.bos_token, model_name=_ollama_name(name))
+        print(f"  Ollama: {commands['ollama']}")
+    print(f"  llama.cpp: {commands['llama_cpp']}")
     return 0
 
 

@@ -122,3 +122,10 @@ def write_modelfile(gguf_path, *, chat_template, stop_tokens=(), bos_token="", m
                                     bos_token=bos_token, model_name=model_name), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def run_commands(gguf_path, ollama_name: str) -> dict:
+    """How to run an exported file: {"ollama": ..., "llama_cpp": ...} (the Modelfile is beside the file)."""
+    gguf_path = Path(gguf_path)
+    return {"ollama": f"cd {gguf_path.parent} && ollama create {ollama_name} -f Modelfile && ollama run {ollama_name}",
+            "llama_cpp": f"llama-cli -m {gguf_path} -cnv"}
