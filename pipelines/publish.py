@@ -107,12 +107,6 @@ def _write_text_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def ollama_name(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
-
-
 def add_export_stage(graph, loaded, run_dir):
     """The export stage, when the profile has `export:`: the model the report recommends, as GGUF."""
     cfg = loaded.profile.export
@@ -121,7 +115,7 @@ def add_export_stage(graph, loaded, run_dir):
 
     def export(stage, deps):
         from workbench.export.gguf_export import export_gguf
-        from workbench.export.modelfile import write_modelfile
+        from workbench.export.modelfile import ollama_name, write_modelfile
         from workbench.pipelines.adapt import eval_models
         from workbench.report import recommended_model
 

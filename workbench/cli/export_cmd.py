@@ -22,7 +22,7 @@ def add_arguments(parser):
 
 def run(args):
     from workbench.export.gguf_export import check_output, export_gguf
-    from workbench.export.modelfile import run_commands, write_modelfile
+    from workbench.export.modelfile import ollama_name, run_commands, write_modelfile
 
     check_output(args.gguf, force=args.force)
     model_dir = Path(args.model_dir)
@@ -33,17 +33,11 @@ def run(args):
     print(f"  sha256 {result.sha256} (manifest: {result.manifest})")
     for note in result.notes:
         print(f"  note: {note}")
-    commands = run_commands(result.path, _ollama_name(name))
+    commands = run_commands(result.path, ollama_name(name))
     if not args.no_modelfile:
         write_modelfile(result.path, chat_template=result.chat_template, stop_tokens=result.stop_tokens,
-                        bos_token=result.bos_token, model_name=_ollama_name(name))
+                        bos_token=result.bos_token, model_name=ollama_name(name))
         print(f"  Ollama: {commands['ollama']}")
     print(f"  llama.cpp: {commands['llama_cpp']}")
     return 0
 
-
-def _ollama_name(name: str) -> str:
-    """Ollama model names: lower case letters, digits, '-', '_' and '.'."""
-    import re
-
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"

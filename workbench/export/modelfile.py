@@ -124,8 +124,15 @@ def write_modelfile(gguf_path, *, chat_template, stop_tokens=(), bos_token="", m
     return path
 
 
-def run_commands(gguf_path, ollama_name: str) -> dict:
+def run_commands(gguf_path, name: str) -> dict:
     """How to run an exported file: {"ollama": ..., "llama_cpp": ...} (the Modelfile is beside the file)."""
     gguf_path = Path(gguf_path)
-    return {"ollama": f"cd {gguf_path.parent} && ollama create {ollama_name} -f Modelfile && ollama run {ollama_name}",
+    return {"ollama": f"cd {gguf_path.parent} && ollama create {name} -f Modelfile && ollama run {name}",
             "llama_cpp": f"llama-cli -m {gguf_path} -cnv"}
+
+
+def ollama_name(text: str) -> str:
+    """A name Ollama accepts for a model: lower case letters, digits, '-', '_' and '.'."""
+    import re
+
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
