@@ -13,6 +13,7 @@ from pathlib import Path
 
 from workbench.config.schema import to_dict
 from workbench.errors import ConfigError
+from workbench.pipelines.publish import add_export_stage
 from workbench.pipelines.runner import RunGraph, StageSpec, stage_output
 
 VERSION = 1  # bump when a stage's outputs change for the same inputs
@@ -70,6 +71,7 @@ def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
     for name, recipe in profile.merges.items():
         _add_merge(graph, loaded, name, recipe, expert_stages)
     _add_evaluation(graph, loaded, graph.run_dir, expert_stages, ct)
+    add_export_stage(graph, loaded, graph.run_dir)
     _add_report(graph, loaded, graph.run_dir)
     return graph
 
@@ -209,10 +211,13 @@ def _add_merge(graph, loaded, name, recipe, expert_stages):
     def merge(stage, deps):
         from workbench.merge.engine import run_merge
 
+        from workbench.pipelines.publish import merge_card
+
         models = {ref: _model_of(deps, ref, profile) for ref in recipe.references()}
         result = run_merge(recipe, models, stage.path / "model", overwrite=True,
                            source=loaded.where(f"merges.{name}").located(),
-                           nonfinite_option=None)  # adapt has no --allow-nonfinite to recommend
+                           nonfinite_option=None,  # adapt has no --allow-nonfinite to recommend
+                           card=merge_card(loaded, deps, recipe.references()))
         return {"model": str(result.out_dir), "report": str(result.out_dir / "merge_report.json")}
 
     deps = ("fetch", "language_expert") + tuple(s for s in expert_stages if s.split(":")[1] in recipe.references())
@@ -256,8 +261,10 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
 
 def _add_report(graph, loaded, run_dir):
     def report(stage, deps):
+        from workbench.pipelines.publish import refresh_merge_cards
         from workbench.report import write_report
 
+        refresh_merge_cards(loaded, deps)
         return write_report(loaded, deps, run_dir)
 
     deps = tuple(s.name for s in graph.specs)

@@ -32,7 +32,8 @@ from workbench.provenance import cache_dir, file_sha256
 MANIFEST = "fetch.json"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"]
+                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                "README.md"]  # the model card: licence, languages and base models for the cards of merges
 
 
 def source_kind(source: ModelSource) -> str:

@@ -57,6 +57,13 @@ class HubUnavailableError(WorkbenchError):
     """The Hugging Face Hub cannot be reached for a model or data set the run needs."""
 
 
+class UnsupportedModelError(WorkbenchError):
+    """A model's architecture, tokenizer or settings are ones the requested step cannot handle (e.g. GGUF
+    export of a non-Llama model). Exit code 2: the input is valid, but not for this command."""
+
+    exit_code = 2
+
+
 def format_path(path):
     """A dotted key path such as `profiles.paper.merge.density` from a sequence of keys and indices."""
     out = ""

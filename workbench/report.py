@@ -82,14 +82,24 @@ def verdicts(rows: dict, code: str, merges: list, experts: list) -> dict:
     return out
 
 
+def run_verdicts(loaded, table: dict) -> dict:
+    """The verdicts of a run's evaluation table (which model is best, each merge against each expert)."""
+    profile = loaded.profile
+    return verdicts(table["rows"], loaded.language.code, list(profile.merges), ["language"] + list(profile.experts))
+
+
+def recommended_model(loaded, table: dict) -> str | None:
+    """The model the report recommends: best on the target language (None when no target task ran)."""
+    return run_verdicts(loaded, table).get("best")
+
+
 def write_report(loaded, records: dict, run_dir) -> dict:
     """report.md and report.json in `run_dir` from the finished stages' records."""
     run_dir = Path(run_dir)
     profile, lang = loaded.profile, loaded.language
     table = _load(records["evaluate"]["outputs"]["table"])
     merges = list(profile.merges)
-    experts = ["language"] + list(profile.experts)
-    verdict = verdicts(table["rows"], lang.code, merges, experts)
+    verdict = run_verdicts(loaded, table)
     merge_reports = {n: _load(records[f"merge:{n}"]["outputs"]["report"]) for n in merges}
     assets = run_dir / "report_assets"
     assets.mkdir(exist_ok=True)
@@ -112,6 +122,7 @@ def write_report(loaded, records: dict, run_dir) -> dict:
         "stages": {name: {"key": rec["key"], "seconds": rec.get("seconds")} for name, rec in records.items()},
         "inputs": _load(records["fetch"]["outputs"]["manifest"]),
         "settings": loaded.raw["profiles"][loaded.profile_name],
+        "export": export_summary(records.get("export")),
     }
     (run_dir / "report.json").write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n",
                                          encoding="utf-8")
@@ -139,6 +150,7 @@ def render_markdown(body: dict, table: dict) -> str:
                        f"sign election, {e['slack_admitted']:,} slack elements admitted "
                        f"({e['entered_with_slack']:.1%} of the top-k count entered with slack)")
         out += [f"- Note: {n}" for n in merge["notes"]] + [""]
+    out += export_section(body.get("export"))
     if body["fertility"]:
         out += ["## Tokenizer fertility", "", "| tokenizer / text | chars per token | tokens per word | byte "
                 "fallback | partial characters |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -159,3 +171,30 @@ def render_markdown(body: dict, table: dict) -> str:
             yaml.safe_dump(body["settings"], sort_keys=False, allow_unicode=True).rstrip(), "```", "",
             "Input files and their sha256 are in `report.json` (`inputs`).", ""]
     return "\n".join(out)
+
+
+def export_summary(record: dict | None) -> dict | None:
+    """The export stage's file, size and run commands, or None when the profile has no export."""
+    if record is None:
+        return None
+    from workbench.export.modelfile import run_commands
+
+    out = record["outputs"]
+    if not out.get("gguf"):
+        return {"note": out.get("note")}
+    gguf = Path(record["path"]) / out["gguf"]
+    return {"model": out["model"], "gguf": str(gguf), "type": out["type"], "bytes": out["bytes"],
+            "sha256": out["sha256"], "modelfile": str(gguf.parent / out["modelfile"]),
+            "commands": run_commands(gguf, out["ollama_name"]), "notes": out.get("notes", [])}
+
+
+def export_section(export: dict | None) -> list:
+    if not export:
+        return []
+    if "gguf" not in export:
+        return ["## Run it locally", "", f"- {export['note']}", ""]
+    return ["## Run it locally", "",
+            f"The recommended model (**{export['model']}**) as GGUF ({export['type']}): `{export['gguf']}` "
+            f"({export['bytes'] / 1024**2:.1f} MiB, sha256 `{export['sha256']}`), with an Ollama Modelfile beside it.",
+            "", "```bash", export["commands"]["ollama"], export["commands"]["llama_cpp"], "```", ""] + \
+        [f"- Note: {n}" for n in export["notes"]] + ([""] if export["notes"] else [])

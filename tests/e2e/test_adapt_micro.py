@@ -124,6 +124,29 @@ def test_every_artifact_is_written(run):
     assert swap["bottom"] + swap["top"] > 0 and any(a == 1.0 for a in swap["alphas"])
 
 
+def test_the_recommended_model_is_exported_and_every_merge_has_a_hub_card(run):
+    from workbench.provenance import file_sha256
+
+    d, recs, report = run["dir"], run["after_resume"], run["report"]
+    export = report["export"]
+    assert export["model"] == report["verdict"]["best"] and export["type"] == "q8_0"
+    gguf = Path(export["gguf"])
+    assert gguf.is_file() and gguf.stat().st_size == export["bytes"] and file_sha256(gguf) == export["sha256"]
+    assert json.loads(gguf.with_name(gguf.name + ".json").read_text())["sha256"] == export["sha256"]
+    modelfile = (gguf.parent / "Modelfile").read_text()
+    assert f"FROM ./{gguf.name}" in modelfile and "TEMPLATE" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    text = (d / "report.md").read_text(encoding="utf-8")
+    assert "## Run it locally" in text and export["commands"]["ollama"] in text and f"llama-cli -m {gguf}" in text
+    assert f"GGUF (q8_0, " in run["resumed"].stdout and "ollama create sw-micro-" in run["resumed"].stdout
+    for merge in MERGES:
+        card = (Path(recs[f"merge-{merge}"]["path"]) / "model" / "README.md").read_text(encoding="utf-8")
+        head = card.split("\n---\n", 1)[0]
+        assert "base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct\n" in head and "base_model_relation: merge" in head
+        assert "license: apache-2.0" in head and "language:\n- sw\n- en" in head and f"- {report['merges'][merge]['method']}" in head
+        assert str(Path.home()) not in head and "/tmp" not in head and ".cache" not in head  # no local path
+        assert "local: sw-language-expert" in head and "## Evaluation" in card and "| base |" in card
+
+
 def test_report_numbers_equal_the_evaluation_outputs(run):
     d, report, results = run["dir"], run["report"], run["results"]
     assert report["table"]["rows"] == results["rows"]
@@ -168,7 +191,7 @@ def test_merged_models_load_and_give_finite_logits(run):
 def test_changing_a_density_reruns_only_that_merge_its_evaluation_and_the_report(run):
     before, after = run["after_resume"], run["after_change"]
     rerun = {name for name in after if name not in before or after[name]["key"] != before[name]["key"]}
-    assert rerun == {"merge-ties", "evaluate", "report"}
+    assert rerun == {"merge-ties", "evaluate", "export", "report"}  # export: the recommendation may change
     # The evaluation stage scored only the changed model again; the others' metrics were reused.
     out = run["changed"].stdout
     assert "ties: /" in out and "ties_sv: /" not in out and "base: /" not in out

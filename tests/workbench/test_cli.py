@@ -14,7 +14,7 @@ def run(*args, cwd=None):
 
 
 def test_every_subcommand_has_help(tmp_path):
-    assert set(COMMANDS) == {"adapt", "pretrain", "fetch", "analyze", "merge", "eval", "bench", "languages"}
+    assert set(COMMANDS) == {"adapt", "pretrain", "fetch", "analyze", "merge", "eval", "export", "bench", "languages"}
     for name in COMMANDS:
         out = run(name, "--help", cwd=tmp_path)
         assert out.returncode == 0, out.stderr

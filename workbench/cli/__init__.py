@@ -21,6 +21,7 @@ COMMANDS = {
     "analyze": "per-layer delta magnitudes of experts against a base, heatmap and suggested swap blocks",
     "merge": "merge models by a recipe (linear, task arithmetic, TIES, TIES-SV, DARE-TIES, layer swap)",
     "eval": "evaluate models: target-language perplexity and MGSM-format accuracy, one table",
+    "export": "export a model folder to GGUF (f16, bf16, q8_0) for llama.cpp and Ollama, with a Modelfile",
     "bench": "benchmarks: fused kernels, whole merges, pretraining throughput",
     "languages": "list the shipped languages and their profiles, or check a config file",
 }

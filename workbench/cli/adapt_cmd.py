@@ -19,7 +19,7 @@ def add_arguments(parser):
     add_config_arguments(parser)
     add_run_dir_argument(parser)
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on "
-                        "(fetch, corpus, tokenizer, blocks, language_expert, expert, analyze, merge, evaluate, report)")
+                        "(fetch, corpus, tokenizer, blocks, language_expert, expert, analyze, merge, evaluate, export, report)")
     parser.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be done)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; no network, nothing written")
     parser.add_argument("--fast", action="store_true", help="the profile's small variant (for tests)")
@@ -59,9 +59,22 @@ def run(args):
             from workbench.pipelines.adapt import eval_models
 
             print(f"\nrecommended model ({best}): {eval_models(records, loaded.profile)[best]}")
+        _print_export(records.get("export"))
         print(f"report: {report['markdown']}")
     print(f"total time {clock(time.perf_counter() - started)}")
     return 0
+
+
+def _print_export(record):
+    from workbench.report import export_summary
+
+    export = export_summary(record)
+    if export and "gguf" in export:
+        print(f"GGUF ({export['type']}, {export['bytes'] / 1024**2:.1f} MiB): {export['gguf']}")
+        print(f"  run it: {export['commands']['ollama']}")
+        print(f"      or: {export['commands']['llama_cpp']}")
+    elif export:
+        print(f"export: {export['note']}")
 
 
 def quiet_library_progress():

@@ -52,7 +52,7 @@ def run(args):
     models = resolve_paths(recipe, base_dir, source=args.recipe)
     result = run_merge(recipe, models, args.out, device=args.device, allow_nonfinite=args.allow_nonfinite,
                        overwrite=args.overwrite, max_shard_bytes=max_shard_bytes, source=args.recipe,
-                       protected={"recipe": args.recipe})
+                       protected={"recipe": args.recipe}, card={"made_by": f"`workbench merge {args.recipe}`"})
     report = result.report
     print(f"merged ({report['method']}) {report['output']['tensors']} tensors in {result.seconds:.1f} s "
           f"on {report['device']}, {report['kernels']} -> {result.out_dir}")
@@ -61,7 +61,7 @@ def run(args):
     for e in report["experts"]:
         print(f"  {e['model']}: kept {e['kept_fraction']:.1%} of elements; {e['survival_without_slack']:.1%} of them "
               f"survived the sign election, {e['entered_with_slack']:.1%} entered with slack")
-    for note in report["notes"] + report["warnings"]:
+    for note in report["notes"] + report["warnings"] + report["publication"]["license_flags"]:
         print(f"  note: {note}")
     print(f"  model card: {result.out_dir / 'README.md'}; details: {result.out_dir / 'merge_report.json'}")
     return 0

@@ -67,6 +67,8 @@ class ModelSource:
     gated: bool = option(False, doc="the model needs an access agreement on the hub")
     license: Optional[str] = option(None)
     description: Optional[str] = option(None)
+    provenance: Optional[str] = option(None, doc="the hub model (OWNER/NAME[@REVISION]) a gguf or local copy "
+                                                 "comes from; model cards name it")
 
     def validate(self, where: Where):
         exactly_one(self, ("hub", "path", "gguf"), where)
@@ -75,6 +77,11 @@ class ModelSource:
             raise (where / "hub").error(f"{problem}, got {self.hub!r}")
         if self.package is not None and self.gguf is None:
             raise (where / "package").error("a package carries a gguf file; expected the key gguf too")
+        if self.provenance is not None:
+            repo = self.provenance.partition("@")[0]
+            if repo.count("/") != 1 or not all(repo.split("/")) or " " in self.provenance:
+                raise (where / "provenance").error(f"expected a hub id OWNER/NAME or OWNER/NAME@REVISION, "
+                                                   f"got {self.provenance!r}")
 
     def label(self) -> str:
         if self.hub:
@@ -245,6 +252,13 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    """The optional export stage: the recommended model as one GGUF file with an Ollama Modelfile."""
+
+    gguf: Literal["f16", "bf16", "q8_0"] = option("q8_0", doc="storage of the weight matrices")
+
+
+@dataclass(kw_only=True)
 class Profile:
     description: str = option(nonempty=True)
     base: ModelSource = option()
@@ -254,6 +268,7 @@ class Profile:
     experts: dict[str, TaskExpertConfig] = option(nonempty=True, doc="task experts by name")
     merges: dict[str, MergeRecipe] = option(nonempty=True, doc="merge recipes by name")
     eval: EvalConfig = option(default_factory=EvalConfig)
+    export: Optional[ExportConfig] = option(None, doc="export the recommended model to GGUF after evaluation")
     fast: dict[str, Any] = option(default_factory=dict, doc="dotted-key overrides applied by --fast")
     seed: int = number(0, lo=0)
 

@@ -92,11 +92,12 @@ def build_report(recipe, models, readers, plan, compat, records, thresholds, pro
 
 def render_card(report: dict) -> str:
     """A Hugging Face model card: what was merged, how, from which exact files."""
+    from workbench.merge.model_card import front_matter, origin_label, publication_sections
+
     recipe = report["recipe"]
-    lines = ["---", "library_name: transformers", "tags:", "- merge", "- workbench", f"- {report['method']}"]
-    if recipe.get("base"):
-        lines += ["base_model:", f"- {report['inputs'][recipe['base']]['path']}"]
-    lines += ["---", "", f"# Merged model ({report['method']})", "",
+    origins = (report.get("publication") or {}).get("inputs", {})
+    lines = front_matter(report)
+    lines += ["", f"# Merged model ({report['method']})", "",
               f"Made with workbench {report['workbench_version']} in {report['seconds']:.1f} s on "
               f"{report['device']} ({report.get('kernels', 'kernels not recorded')}).", "", "## Method", ""]
     lines += [f"- `{m}`: {paper}" for m, paper in report["papers"].items()]
@@ -105,10 +106,11 @@ def render_card(report: dict) -> str:
     for note in report["notes"]:
         lines.append(f"- {note}")
     lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", "", "## Inputs", "",
-              "| model | path | file | sha256 |", "| --- | --- | --- | --- |"]
+              "| model | source | file | sha256 |", "| --- | --- | --- | --- |"]
     for ref, info in report["inputs"].items():
         for fname, digest in info["files"].items():
-            lines.append(f"| {ref} | {info['path']} | {fname} | `{digest}` |")
+            where = origin_label(origins[ref]) if ref in origins else Path(info["path"]).name
+            lines.append(f"| {ref} | {where} | {fname} | `{digest}` |")
     if report["experts"]:
         lines += ["", "## Top-k survival (TIES / TIES-SV diagnostic)", "",
                   "| model | density | slack | kept | survived election | slack admitted | survival without slack "
@@ -119,5 +121,6 @@ def render_card(report: dict) -> str:
                          f"{e['entered_with_slack']:.1%} |")
     if report["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    lines += publication_sections(report)
     lines += ["", "Per-tensor details are in `merge_report.json`.", ""]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.topk_threshold import topk_thresholds_multi
 from workbench.merge.card import build_report, render_card
 from workbench.merge.methods import TensorMerge, merge_tensor
+from workbench.merge.model_card import publication
 from workbench.merge.plan import build_plan
 from workbench.merge.recipe import MergeRecipe
 from workbench.outputs import OutputLock, check_apart, writer_paths
@@ -256,11 +257,13 @@ def _auto_profiles(recipe, readers, names, progress) -> dict | None:
 
 def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_nonfinite=False, overwrite=False,
               max_shard_bytes=DEFAULT_SHARD_BYTES, progress=True, source="recipe", protected=None,
-              nonfinite_option="--allow-nonfinite") -> MergeResult:
+              nonfinite_option="--allow-nonfinite", card=None) -> MergeResult:
     """Merge `models` ({reference in the recipe: model directory}) by `recipe` into `out_dir`.
 
     `protected` ({label: path}) names more inputs the output must stay apart from (the recipe file);
-    `nonfinite_option` is the caller's switch for allow_nonfinite, named in errors (None: there is none).
+    `nonfinite_option` is the caller's switch for allow_nonfinite, named in errors (None: there is none);
+    `card`: what the caller knows for the model card (see `model_card.publication`): input origins,
+    languages, datasets, how the merge was made.
     """
     started = time.perf_counter()
     missing = [ref for ref in recipe.references() if ref not in models]
@@ -271,11 +274,11 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
     device = _pick_device(device or recipe.device)
     with OutputLock(paths["lock file"], f"output {paths['output']}") as lock:
         return _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, max_shard_bytes,
-                             progress, nonfinite_option, started, lock)
+                             progress, nonfinite_option, started, lock, card)
 
 
 def _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, max_shard_bytes, progress,
-                  nonfinite_option, started, lock) -> MergeResult:
+                  nonfinite_option, started, lock, card) -> MergeResult:
     readers = {ref: ModelReader(models[ref]) for ref in recipe.references()}
     inputs = _Inputs(readers, device)
     writer = None
@@ -298,6 +301,7 @@ def _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, m
         elapsed = time.perf_counter() - started
         report = build_report(recipe, models, readers, plan, compat, writer.records(), thresholds,
                               profiles, elapsed, device)
+        report["publication"] = publication(report, card)
         writer.extra_files.update({"merge_report.json": _json(report), "README.md": render_card(report)})
         if recipe.dtype != "auto":
             writer.extra_files["config.json"] = _config_with_dtype(models[plan.config_source], recipe.dtype)
