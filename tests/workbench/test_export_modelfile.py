@@ -35,6 +35,14 @@ def test_chatml_with_a_default_system_prompt():
     assert text.count('PARAMETER stop "<|im_end|>"') == 1 and 'PARAMETER stop "<|im_start|>"' in text
 
 
+def test_a_bos_the_template_never_writes_is_not_stripped():
+    # SmolLM2 as converted from its GGUF has BOS <|im_start|>: the rendered text starts with it, but as the
+    # start of a ChatML turn, not as a BOS the template added.
+    found = recognise(SMOLLM2_TEMPLATE, bos_token="<|im_start|>")
+    assert found is not None and found.format.name == "chatml"
+    assert found.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
 def test_the_test_tokenizers_template_is_chatml_without_a_system_prompt(tiny_tokenizer):
     found = recognise(tiny_tokenizer.chat_template)
     assert found.format.name == "chatml" and found.default_system is None

@@ -68,6 +68,8 @@ def recognise(template: str | None, *, bos_token: str = "") -> RecognisedTemplat
 
     if not template:
         return None
+    if "bos_token" not in template:
+        bos_token = ""  # the template writes no BOS of its own (SmolLM2's BOS is <|im_start|>: never strip that)
     try:
         full = _strip(render_jinja(template, PROBE, bos_token=bos_token), bos_token)
         alone = _strip(render_jinja(template, PROBE[1:2], bos_token=bos_token), bos_token)
