@@ -78,12 +78,14 @@ def run(tmp_path_factory, smollm2_dir):
     resumed = adapt(run_dir)
     after_resume = records(run_dir)
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    # report.md as the completed run wrote it: the density change below writes a new one (and a new export).
+    report_md = (run_dir / "report.md").read_text(encoding="utf-8")
     results = json.loads((run_dir / "evaluation" / "results.json").read_text(encoding="utf-8"))
     jsonl = {p.relative_to(run_dir / "evaluation").as_posix(): [json.loads(l) for l in p.read_text().splitlines()]
              for p in (run_dir / "evaluation").glob("*/*.jsonl")}
     changed = adapt(run_dir, "--set", "merges.ties.models[0].density=0.5")
     return {"dir": run_dir, "after_kill": after_kill, "resumed": resumed, "after_resume": after_resume,
-            "report": report, "results": results, "jsonl": jsonl, "changed": changed,
+            "report": report, "report_md": report_md, "results": results, "jsonl": jsonl, "changed": changed,
             "after_change": records(run_dir)}
 
 
@@ -119,7 +121,7 @@ def test_every_artifact_is_written(run):
         for task in ("mgsm_sw", "generated_sw", "generated_en"):
             items = run["jsonl"][f"{model}/{task}.jsonl"]
             assert len(items) == 2 and {"prompt", "output", "extracted", "gold"} <= set(items[0])
-    assert "Best on the target language" in (d / "report.md").read_text(encoding="utf-8")
+    assert "Best on the target language" in run["report_md"]
     swap = run["report"]["merges"]["layer_swap"]["layer_swap"]
     assert swap["bottom"] + swap["top"] > 0 and any(a == 1.0 for a in swap["alphas"])
 
@@ -135,7 +137,7 @@ def test_the_recommended_model_is_exported_and_every_merge_has_a_hub_card(run):
     assert json.loads(gguf.with_name(gguf.name + ".json").read_text())["sha256"] == export["sha256"]
     modelfile = (gguf.parent / "Modelfile").read_text()
     assert f"FROM ./{gguf.name}" in modelfile and "TEMPLATE" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
-    text = (d / "report.md").read_text(encoding="utf-8")
+    text = run["report_md"]
     assert "## Run it locally" in text and export["commands"]["ollama"] in text and f"llama-cli -m {gguf}" in text
     assert f"GGUF (q8_0, " in run["resumed"].stdout and "ollama create sw-micro-" in run["resumed"].stdout
     for merge in MERGES:
@@ -157,7 +159,7 @@ def test_report_numbers_equal_the_evaluation_outputs(run):
             items = run["jsonl"][f"{model}/{task}.jsonl"]
             assert (metric["correct"], metric["n"]) == (sum(i["correct"] for i in items), len(items)), (model, task)
     ppl = results["rows"]["language"]["perplexity_sw"]["perplexity"]
-    assert f"{ppl:.2f}" in (d / "report.md").read_text(encoding="utf-8")
+    assert f"{ppl:.2f}" in run["report_md"]
 
 
 def test_perplexity_scores_the_heldout_documents_text(run):
