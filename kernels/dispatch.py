@@ -129,6 +129,13 @@ def triton_kernels(module_globals: dict[str, Any], device: torch.device | str = 
         for name in names:
             fn = module_globals[name]
             clone = types.FunctionType(fn.__code__, scope, name, fn.__defaults__, fn.__closure__)
+            # FunctionType copies neither the annotations nor the keyword defaults: Triton reads
+            # `tl.constexpr` from the annotations, so without them every constexpr becomes a runtime
+            # argument and compiled kernels fail ("arange's arguments must be of type tl.constexpr").
+            # The interpreter ignores annotations: tests/kernels/test_dispatch.py checks the jitted objects.
+            clone.__annotations__ = dict(fn.__annotations__)
+            clone.__kwdefaults__ = fn.__kwdefaults__
+            clone.__qualname__, clone.__doc__ = fn.__qualname__, fn.__doc__
             clone.__module__ = fn.__module__
             scope[name] = triton.jit(clone)     # reads the interpret knob set by load_triton
         _COMPILED[key] = types.SimpleNamespace(**{n: scope[n] for n in names})
