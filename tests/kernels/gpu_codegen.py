@@ -133,17 +133,20 @@ def exercise(dtype):
     from workbench.kernels.layer_swap import lerp_
     from workbench.kernels.masks import topk_masks
     from workbench.kernels.ties import ties_merge
-    from workbench.kernels.topk_threshold import topk_thresholds
+    from workbench.kernels.topk_threshold import topk_select, topk_select_multi
 
     gen = torch.Generator().manual_seed(0)
+    steps = torch.tensor([0.0, 0.25, -0.25, 0.5, -0.5])        # deltas with ties: exact selections are partial
     base = torch.randn(3000, generator=gen).to(dtype)
-    experts = [(base.float() + torch.randn(3000, generator=gen) * 0.1).to(dtype) for _ in range(3)]
-    taus = [topk_thresholds(base, e, [0.2, 0.4]) for e in experts]
-    hi, lo = [t[0] for t in taus], [t[1] for t in taus]
-    for kwargs in (dict(tau_hi=hi, tau_lo=lo), dict(tau_hi=hi, consensus="count", normalize=False),
+    experts = [(base.float() + steps[torch.randint(5, (3000,), generator=gen)]).to(dtype) for _ in range(3)]
+    sels = [topk_select(base, e, [0.4, 0.2]) for e in experts]
+    keep, protect = [s[0] for s in sels], [s[1] for s in sels]
+    loose = [topk_select(base, e, [0.4], ties="keep_all")[0] for e in experts]
+    for kwargs in (dict(keep=keep, protect=protect), dict(keep=loose, consensus="count", normalize=False),
                    dict(method="task_arithmetic"), dict(method="linear")):
         ties_merge(None if kwargs.get("method") == "linear" else base, experts, **kwargs)
-    topk_masks(base, experts[0], hi[0], lo[0])
+    topk_select_multi(lambda: [(base, experts[0]), (base[:100], experts[1][:100])], [0.3])
+    topk_masks(base, experts[0], keep[0], protect[0])
     dare_(experts[0].clone(), base, 0.3, seed=1)
     lerp_(experts[1].clone(), experts[2], 0.25)
     delta_stats([(base, experts[0]), (base[:10], experts[1][:10])])

@@ -39,9 +39,11 @@ def test_kernels_table_and_json(tmp_path, capsys, default_dispatch):
     assert by["thresholds", "fused"]["bytes"] == 2 * 2 * 4099 * 2       # 2 passes over base + expert, bf16
     assert by["ties_merge", "fused"]["bytes"] == 4 * 4099 * 2           # reads base + 2 experts, writes 1
     fused = by["thresholds", "fused"]
-    assert fused["backend"] == "cpu" and fused["vs_fused"] == 1.0
+    from workbench.kernels import cpu_native
+
+    assert fused["backend"] == ("c" if cpu_native.library() is not None else "torch") and fused["vs_fused"] == 1.0
     assert fused["equals_kthvalue"] and fused["thresholds"] == by["thresholds", "kthvalue"]["thresholds"]
-    assert len(fused["thresholds"]) == 2 and fused["thresholds"][0] > fused["thresholds"][1] > 0
+    assert len(fused["thresholds"]) == 2 and 0 < fused["thresholds"][0] < fused["thresholds"][1]   # k, s < k
 
 
 def _one_line_error(capsys, argv, needle):

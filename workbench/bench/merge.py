@@ -5,6 +5,7 @@ Both tools read the same bf16 safetensors from a warm page cache and write bf16 
 `workbench bench merge` calls `run_merge_benchmark`.
 """
 import json
+import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, pr
     work.mkdir(parents=True, exist_ok=True)
     models = ensure_models(work / "models", size)
     files = [f for m in models.values() for f in m.glob("*.safetensors")]
-    results = {"size": size, "parameters": sum(_numel(s) for _, s in llama_tensors(**SIZES[size])),
+    results = {"size": size, "parameters": sum(math.prod(s) for _, s in llama_tensors(**SIZES[size])),
                "mergekit": mk is not None, "mergekit_command": mk, "mergekit_requested": bool(mergekit),
                "cases": {}}
     for case in cases(models, SIZES[size]["layers"]):
@@ -192,9 +193,3 @@ def format_table(results: dict) -> str:
                      f"{row.get('time_ratio', float('nan')):>7.2f} {row.get('rss_ratio', float('nan')):>6.2f}")
     return "\n".join(lines)
 
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
