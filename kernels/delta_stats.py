@@ -1,4 +1,4 @@
-"""Delta statistics (DESIGN §4.1): Σ|δ|, Σδ², max|δ|, n, ‖δ‖/‖θ_b‖ and the non-finite count, in one pass.
+"""Delta statistics (docs/design.md §4.1): Σ|δ|, Σδ², max|δ|, n, ‖δ‖/‖θ_b‖ and the non-finite count, in one pass.
 
 δ = θ_expert − θ_base in fp32, never materialized for a whole tensor. Elements where δ is not finite
 (base or expert NaN/Inf) are counted in `nonfinite` and excluded from every sum and from the max; the base
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from . import chunks
-from .dispatch import LAUNCH_OPTIONS, flat_contiguous, jit, kernel_backend, triton_kernels
+from .dispatch import FLT_MAX, LAUNCH_OPTIONS, flat_contiguous, jit, kernel_backend, triton_kernels
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -75,7 +75,7 @@ def _delta_stats_kernel(base_ptr, expert_ptr, tile_start_ptr, tile_end_ptr, sums
         b = tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
         e = tl.load(expert_ptr + idx, mask=m, other=0.0).to(tl.float32)
         a = tl.abs(e - b)
-        ok = a <= 3.4028234663852886e38         # FLT_MAX: false for NaN and ±Inf; masked lanes are ok
+        ok = a <= FLT_MAX                        # false for NaN and ±Inf; masked lanes are ok
         a = tl.where(ok, a, 0.0)
         b = tl.where(ok, b, 0.0)
         sum_abs += a

@@ -117,3 +117,32 @@ def test_pretrain_packed_vs_padded(tmp_path, capsys, tiny_llama_factory, shared_
 def test_pretrain_bad_values_are_one_line(capsys, tmp_path):
     _one_line_error(capsys, ["bench", "pretrain", "--model", str(tmp_path), "--steps", "0"],
                     "--steps 0: expected a positive integer")
+
+
+def test_compare_puts_tie_choices_in_the_tied_band(tmp_path):
+    # The exact trim against keep_all on the tiny benchmark model: the two differ only in which ties at a
+    # threshold they keep, so every difference lies in the tied band, and keep_all changes more elements.
+    from workbench.bench.compare import compare_merges, targets_met
+    from workbench.bench.merge import ensure_models
+    from workbench.merge.engine import run_merge
+    from workbench.merge.recipe import MergeRecipe, ModelEntry
+
+    models = ensure_models(tmp_path / "models", "tiny")
+    outs = {}
+    for rule in ("exact", "keep_all"):
+        recipe = MergeRecipe(method="ties", base="base", trim_ties=rule, models=[
+            ModelEntry(model="expert_a", density=0.2), ModelEntry(model="expert_b", density=0.2)])
+        outs[rule] = run_merge(recipe, models, tmp_path / rule, device="cpu", progress=False).out_dir
+    experts = [models["expert_a"], models["expert_b"]]
+    same = compare_merges(outs["exact"], outs["exact"], models["base"], experts, [0.2, 0.2])
+    assert same["differ_outside_band_share"] == 0 and same["max_changed_share_gap_pp"] == 0 and targets_met(same)
+    c = compare_merges(outs["exact"], outs["keep_all"], models["base"], experts, [0.2, 0.2])
+    assert c["tensors"] > 10 and 0 < c["tied_band_share"] < 0.5
+    assert c["differ_outside_band_share"] == 0 and c["differ_inside_band_share"] > 0
+    assert c["max_changed_share_gap_pp"] > 0
+    assert all(t["changed_workbench"] <= t["changed_mergekit"] for t in c["per_tensor"].values())
+
+
+def test_compare_needs_mergekit(capsys, tmp_path):
+    _one_line_error(capsys, ["bench", "merge", "--size", "tiny", "--no-mergekit", "--compare", "--work",
+                             str(tmp_path)], "--compare compares with mergekit's output")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.bench.compare import compare_merges, format_comparison, targets_met
 from workbench.bench.processes import run_measured, warm_page_cache
 from workbench.checkpoint import ShardedWriter
 from workbench.errors import ConfigError
@@ -128,11 +129,18 @@ def mergekit_command(given: str | None = None):
     return exe
 
 
-def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, progress=print) -> dict:
+# Cases whose outputs the two tools define alike, with the densities their trims use: TIES-SV has no
+# mergekit counterpart, DARE-TIES drops at random (different generators), mergekit's layer swap has no
+# transition zone.
+COMPARABLE = ("ties", "task_arithmetic")
+
+
+def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, compare=False, progress=print) -> dict:
     """Run every case with both tools; returns {case: {tool: {seconds, peak_rss_gb}, ratios}}.
 
     mergekit: True finds `mergekit-yaml` (skipped when absent), False times workbench only, a path runs
-    that executable (e.g. one installed in another virtual environment).
+    that executable (e.g. one installed in another virtual environment). compare: also compare the two
+    outputs of the COMPARABLE cases element by element (`compare.compare_merges`).
     """
     import yaml
 
@@ -143,7 +151,7 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, pr
     files = [f for m in models.values() for f in m.glob("*.safetensors")]
     results = {"size": size, "parameters": sum(math.prod(s) for _, s in llama_tensors(**SIZES[size])),
                "mergekit": mk is not None, "mergekit_command": mk, "mergekit_requested": bool(mergekit),
-               "cases": {}}
+               "compare": bool(compare), "cases": {}}
     for case in cases(models, SIZES[size]["layers"]):
         if only and case.name not in only:
             continue
@@ -158,7 +166,10 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, pr
         if run.returncode != 0:
             raise RuntimeError(f"workbench merge failed for {case.name}:\n{run.output[-2000:]}")
         row["workbench"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
-        shutil.rmtree(out, ignore_errors=True)
+        ours = out
+        keep = compare and case.name in COMPARABLE
+        if not keep:
+            shutil.rmtree(ours, ignore_errors=True)
         if mk is not None and case.mergekit is not None:
             config = work / f"{case.name}.mergekit.yaml"
             config.write_text(yaml.safe_dump(case.mergekit), encoding="utf-8")
@@ -172,7 +183,13 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, pr
                 row["mergekit"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
                 row["time_ratio"] = round(row["workbench"]["seconds"] / row["mergekit"]["seconds"], 3)
                 row["rss_ratio"] = round(row["workbench"]["peak_rss_gb"] / row["mergekit"]["peak_rss_gb"], 3)
+                if keep:
+                    densities = [m.get("density", 1.0) for m in case.workbench["models"]]
+                    row["comparison"] = compare_merges(ours, out, models["base"],
+                                                       [models["expert_a"], models["expert_b"]], densities)
+                    progress(format_comparison(case.name, row["comparison"]))
             shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ours, ignore_errors=True)
         results["cases"][case.name] = row
         progress(f"{case.name}: {json.dumps(row)}")
     return results
@@ -191,5 +208,12 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<16} {wb['seconds']:>11.2f} {wb['peak_rss_gb']:>7.2f} "
                      f"{mk.get('seconds', float('nan')):>10.2f} {mk.get('peak_rss_gb', float('nan')):>7.2f} "
                      f"{row.get('time_ratio', float('nan')):>7.2f} {row.get('rss_ratio', float('nan')):>6.2f}")
+    compared = [(name, row["comparison"]) for name, row in results["cases"].items() if "comparison" in row]
+    if compared:
+        lines.append("output against mergekit's (issue 17's targets: < 1e-4 outside the tied band, changed shares "
+                     "within 0.5 percentage points):")
+        lines += [f"  {format_comparison(name, c)}: {'met' if targets_met(c) else 'NOT met'}" for name, c in compared]
+    elif results.get("compare"):
+        lines.append(f"no output comparison: it needs mergekit and one of the cases {', '.join(COMPARABLE)}")
     return "\n".join(lines)
 

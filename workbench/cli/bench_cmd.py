@@ -4,6 +4,7 @@
   workbench bench kernels --device cuda --sizes 50M 100M --json kernels.json
   workbench bench merge --size tiny --no-mergekit # whole merges as their own processes: seconds, peak RSS
   workbench bench merge --mergekit ~/mk-venv/bin/mergekit-yaml --only ties,task_arithmetic
+  workbench bench merge --mergekit ~/mk-venv/bin/mergekit-yaml --only ties --compare
   workbench bench pretrain --steps 10             # CT tokens/s on packed blocks vs a padded Trainer
 
 kernels: the fused kernels (Triton on CUDA, the chunked CPU path on CPU) against their plain-PyTorch
@@ -48,6 +49,9 @@ def add_arguments(parser):
     tool = m.add_mutually_exclusive_group()
     tool.add_argument("--mergekit", metavar="PATH", help="the mergekit-yaml executable to compare against")
     tool.add_argument("--no-mergekit", action="store_true", help="time workbench only")
+    m.add_argument("--compare", action="store_true",
+                   help="also compare the merged tensors with mergekit's (ties, task_arithmetic): elements that "
+                        "differ outside the tied band, and per tensor the shares of elements each tool changed")
     m.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
     p = sub.add_parser("pretrain", help="CT throughput: packed blocks vs padded rows, tokens/s",
@@ -133,9 +137,12 @@ def _run_merge(args):
         if unknown or not only:
             raise ConfigError(f"--only {args.only!r}: unknown case {', '.join(unknown) or '(none given)'}; "
                               f"expected a comma-separated list of {', '.join(CASE_NAMES)}")
+    if args.compare and args.no_mergekit:
+        raise ConfigError("--compare compares with mergekit's output; it cannot go with --no-mergekit")
     mergekit = False if args.no_mergekit else (args.mergekit or True)
     work = Path(args.work).expanduser() if args.work else cache_dir() / "bench"
-    results = run_merge_benchmark(work, size=args.size, only=only, mergekit=mergekit, progress=_progress)
+    results = run_merge_benchmark(work, size=args.size, only=only, mergekit=mergekit, compare=args.compare,
+                                  progress=_progress)
     print(format_table(results))
     if args.json:
         _write_json(args.json, results)
