@@ -62,16 +62,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernel_backend(*tensors: torch.Tensor | None, native: bool = False) -> str:
+def kernel_backend(*tensors: torch.Tensor | None, native: bool = False, triton: bool = True) -> str:
     """The implementation that runs for an operation on `tensors` (None entries are skipped): "triton",
-    "c", "torch" or "reference". native: whether the operation has a C kernel for these arguments."""
+    "c", "torch" or "reference". native: whether the operation has a C kernel for these arguments;
+    triton: whether its Triton kernel takes them (where it does not, the PyTorch pieces run)."""
     mode = _mode()
     if mode == "reference":
         return "reference"
-    if mode == "triton" or (mode == "auto" and _interpret_requested()):
+    if triton and (mode == "triton" or (mode == "auto" and _interpret_requested())):
         return "triton"
     first = next((t for t in tensors if t is not None), None)
-    if mode == "auto" and first is not None and first.is_cuda and triton_available():
+    if triton and mode == "auto" and first is not None and first.is_cuda and triton_available():
         return "triton"
     if native and cpu_native.takes(*tensors):
         return "c"

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 METHODS = {"ties": Method.TIES, "task_arithmetic": Method.TASK_ARITHMETIC, "linear": Method.LINEAR}
 CONSENSUS = ("sum", "count")
-BLOCK = 1024
+BLOCK = 1024       # elements per Triton loop step; below 2¹¹ for _tally's packing
+TRITON_MAX_EXPERTS = 16   # the Triton kernel carries each element's memberships as bits of one int32
 COUNT_STRIDE = 8   # count columns per expert in the Triton kernel's rows (len(Count) rounded up)
 # The names the Triton kernel reads (module constants become tl.constexpr in its scope).
 TIES, TASK_ARITHMETIC, LINEAR = Method
@@ -101,11 +102,6 @@ def _sign(x):
 
 
 @jit
-def _pick(vec, idx, k):
-    return tl.sum(tl.where(idx == k, vec, 0), axis=0)
-
-
-@jit
 def _expert_delta(expert_ptr, offs, live, b, METHOD: tl.constexpr):
     x = tl.load(expert_ptr + offs, mask=live, other=0.0).to(tl.float32)
     if METHOD == LINEAR:
@@ -118,6 +114,17 @@ def _expert_delta(expert_ptr, offs, live, b, METHOD: tl.constexpr):
 
 
 @jit
+def _tally(counts, cidx, first, c0, c1, c2, c3):
+    # counts[first + j] += the block's count of column c_j, j < 4: one reduction for four columns, their
+    # sums packed 11 bits apart (a block has at most 1024 < 2¹¹ elements).
+    packed = (c0.to(tl.int64) | (c1.to(tl.int64) << 11) | (c2.to(tl.int64) << 22) | (c3.to(tl.int64) << 33))
+    total = tl.sum(packed, axis=0)
+    j = cidx - first
+    field = tl.where((j >= 0) & (j < 4), j, 0)
+    return counts + tl.where((j >= 0) & (j < 4), ((total >> (11 * field)) & 0x7FF).to(tl.int32), 0)
+
+
+@jit
 def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr, n, segment, lam,
                  T: tl.constexpr, METHOD: tl.constexpr, COUNT_CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
                  HAS_PROTECT: tl.constexpr, EXACT: tl.constexpr, HAS_BASE: tl.constexpr,
@@ -125,8 +132,10 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
     # One program per segment of `segment` elements, BLOCK at a time. params: [T, 3] fp32 = (w_t, keep τ_t,
     # protect τ_t); quotas: [programs, 2T] int64 = the ties at τ expert t's keep (2t) and protect (2t+1)
     # take in this segment; counts: [programs, COUNTS] int32, expert t's Count c at t·COUNT_STRIDE + c.
-    # The second loop over the experts re-loads the block the first has just read (an L1/L2 hit), so DRAM
-    # sees θ_b and each expert once and the output once.
+    # The first loop over the experts selects and elects; each element's memberships travel to the second
+    # loop as bits of one int32 (bit t: keep_t, bit 16 + t: protect_t; T ≤ 16). The second loop re-loads
+    # the block the first has just read (an L1/L2 hit), so DRAM sees θ_b and each expert once and the
+    # output once.
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * segment
     end = tl.minimum(start + segment, n)
@@ -141,7 +150,7 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
             b = tl.load(base_ptr + offs, mask=live, other=0.0).to(tl.float32)
         else:
             b = tl.zeros([BLOCK], dtype=tl.float32)
-        block_quota = quota                       # the memberships of this block, recomputed below
+        members = tl.zeros([BLOCK], dtype=tl.int32)
         s = tl.zeros([BLOCK], dtype=tl.float32)
         s_plain = s
         if METHOD == TIES:
@@ -149,9 +158,10 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
             e_prot = tl.zeros([BLOCK], dtype=tl.float32)
             for t in tl.static_range(T):
                 d, a, ok = _expert_delta(experts[t], offs, live, b, METHOD)
-                keep, left = topk_member(a, ok, live, tl.load(params_ptr + 3 * t + 1), _pick(quota, qidx, 2 * t),
-                                          EXACT)
+                keep, left = topk_member(a, ok, live, tl.load(params_ptr + 3 * t + 1),
+                                         tl.sum(tl.where(qidx == 2 * t, quota, 0), axis=0), EXACT)
                 quota = tl.where(qidx == 2 * t, left, quota)
+                members |= keep.to(tl.int32) << t
                 if COUNT_CONSENSUS:
                     v = _sign(d)
                 else:
@@ -159,8 +169,9 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
                 e_keep += tl.where(keep, v, 0.0)
                 if HAS_PROTECT:
                     prot, left = topk_member(a, ok, live, tl.load(params_ptr + 3 * t + 2),
-                                              _pick(quota, qidx, 2 * t + 1), EXACT)
+                                             tl.sum(tl.where(qidx == 2 * t + 1, quota, 0), axis=0), EXACT)
                     quota = tl.where(qidx == 2 * t + 1, left, quota)
+                    members |= prot.to(tl.int32) << (16 + t)
                     e_prot += tl.where(prot, v, 0.0)
             s_plain = _sign(e_keep)
             s = s_plain
@@ -172,28 +183,20 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
             w = tl.load(params_ptr + 3 * t)
             d, a, ok = _expert_delta(experts[t], offs, live, b, METHOD)
             if METHOD == TIES:
-                keep, _ = topk_member(a, ok, live, tl.load(params_ptr + 3 * t + 1), _pick(block_quota, qidx, 2 * t),
-                                       EXACT)
-                if HAS_PROTECT:
-                    prot, _ = topk_member(a, ok, live, tl.load(params_ptr + 3 * t + 2),
-                                           _pick(block_quota, qidx, 2 * t + 1), EXACT)
+                keep = ((members >> t) & 1) != 0
+                prot = ((members >> (16 + t)) & 1) != 0
                 agree = keep & (d * s > 0.0)
+                plain = keep & (d * s_plain > 0.0)
             else:
                 keep = ok
+                prot = live & False
                 agree = ok
+                plain = ok
             num += tl.where(agree, d * w, 0.0)
             den += tl.where(agree, w, 0.0)
-            row = t * COUNT_STRIDE
-            counts += tl.where(cidx == row + KEPT, tl.sum(keep.to(tl.int32), axis=0), 0)
-            counts += tl.where(cidx == row + KEPT_ENTERED, tl.sum(agree.to(tl.int32), axis=0), 0)
-            counts += tl.where(cidx == row + NONFINITE, tl.sum((live & ~ok).to(tl.int32), axis=0), 0)
-            if HAS_PROTECT:
-                plain = keep & (d * s_plain > 0.0)
-                counts += tl.where(cidx == row + PROTECTED, tl.sum(prot.to(tl.int32), axis=0), 0)
-                counts += tl.where(cidx == row + PROTECTED_ENTERED, tl.sum((prot & agree).to(tl.int32), axis=0), 0)
-                counts += tl.where(cidx == row + KEPT_ENTERED_PLAIN, tl.sum(plain.to(tl.int32), axis=0), 0)
-                counts += tl.where(cidx == row + PROTECTED_ENTERED_PLAIN,
-                                   tl.sum((prot & plain).to(tl.int32), axis=0), 0)
+            counts = _tally(counts, cidx, t * COUNT_STRIDE + KEPT, keep, agree, prot, prot & agree)
+            counts = _tally(counts, cidx, t * COUNT_STRIDE + KEPT_ENTERED_PLAIN, plain, prot & plain, live & ~ok,
+                            live & False)
         if METHOD == TASK_ARITHMETIC:
             merged = num
         elif NORMALIZE or METHOD == LINEAR:
@@ -240,18 +243,7 @@ def _ties_triton(base, experts, p: MergeParams, out) -> torch.Tensor:
                                           BLOCK=BLOCK, **LAUNCH_OPTIONS)
     if target.data_ptr() != out.data_ptr() or not out.is_contiguous():
         out.copy_(target.view(out.shape))
-    totals = counts.sum(0, dtype=torch.int64).cpu()[:COUNT_STRIDE * T].view(T, COUNT_STRIDE)[:, :len(Count)].clone()
-    if not p.has_protect:
-        _fill_unprotected(totals)
-    return totals
-
-
-def _fill_unprotected(counts: torch.Tensor) -> None:
-    """Without protection S = S_plain: the plain-election counts are the counts themselves."""
-    counts[:, Count.PROTECTED] = 0
-    counts[:, Count.PROTECTED_ENTERED] = 0
-    counts[:, Count.KEPT_ENTERED_PLAIN] = counts[:, Count.KEPT_ENTERED]
-    counts[:, Count.PROTECTED_ENTERED_PLAIN] = 0
+    return counts.sum(0, dtype=torch.int64).cpu()[:COUNT_STRIDE * T].view(T, COUNT_STRIDE)[:, :len(Count)].clone()
 
 
 # ---------------------------------------------------------------------------------------------- C
@@ -285,8 +277,8 @@ def ties_merge(base: torch.Tensor | None, experts: Sequence[torch.Tensor], *, we
     write (may be `base`).
     """
     experts, p, out = _prepare(base, experts, weights, keep, protect, lam, method, normalize, consensus, out)
-    native = len(experts) <= cpu_native.max_experts()
-    backend = kernel_backend(base, *experts, out, native=native)
+    backend = kernel_backend(base, *experts, out, native=len(experts) <= cpu_native.max_experts(),
+                             triton=len(experts) <= TRITON_MAX_EXPERTS)
     counts = None
     if backend == "triton":
         counts = _ties_triton(base, experts, p, out)
