@@ -160,21 +160,30 @@ int64_t wb_merge(wb_merge_args *a) {
     int32_t ok[MAX_T][BLK], keep[MAX_T][BLK], prot[MAX_T][BLK];
     int64_t counts[MAX_T][WB_COUNTS];
     int64_t nans = 0;
+    /* Every parameter in a local: the inner loops store through int32/float pointers, which the compiler
+     * must otherwise assume may alias the struct's fields, reloading them and not vectorizing. */
+    wb_expert ex[MAX_T];
     const int T = a->num_experts, ties = a->method == WB_TIES, protect = ties && a->has_protect;
+    const int linear = a->method == WB_LINEAR, count_consensus = a->count_consensus;
+    const int plain_sum = a->method == WB_TASK_ARITHMETIC || (ties && !a->normalize);
+    const float lam = a->lam;
+    const int64_t start = a->start, end = a->end;
+    const void *base = a->base;
+    memcpy(ex, a->experts, (size_t)T * sizeof(wb_expert));
     memset(counts, 0, sizeof(counts));
-    for (int64_t i0 = a->start; i0 < a->end; i0 += BLK) {
-        int m = (int)(a->end - i0 < BLK ? a->end - i0 : BLK);
-        if (a->base) load_block(a->base, a->base_dtype, i0, m, b);
+    for (int64_t i0 = start; i0 < end; i0 += BLK) {
+        int m = (int)(end - i0 < BLK ? end - i0 : BLK);
+        if (base) load_block(base, a->base_dtype, i0, m, b);
         else memset(b, 0, sizeof(b));
         for (int t = 0; t < T; t++) {
-            wb_expert *e = &a->experts[t];
+            wb_expert *e = &ex[t];
             float *dt = d[t];
             int32_t *okt = ok[t];
             int64_t bad = 0;
             load_block(e->data, e->dtype, i0, m, x);
             if (e->dare_threshold > 0) dare_block(x, b, e, i0, m);
             for (int j = 0; j < m; j++) {
-                float v = a->method == WB_LINEAR ? x[j] : x[j] - b[j];
+                float v = linear ? x[j] : x[j] - b[j];
                 int32_t finite = fabsf(v) <= FLT_MAX_;
                 dt[j] = finite ? v : 0.0f;
                 key[j] = fabsf(dt[j]);
@@ -197,11 +206,11 @@ int64_t wb_merge(wb_merge_args *a) {
         if (ties) {
             for (int j = 0; j < m; j++) e_keep[j] = e_prot[j] = 0.0f;
             for (int t = 0; t < T; t++) {
-                float w = a->experts[t].weight;
+                const float w = ex[t].weight;
                 const float *dt = d[t];
                 const int32_t *kt = keep[t], *pt = prot[t];
                 for (int j = 0; j < m; j++) {
-                    float v = a->count_consensus ? sgn(dt[j]) : dt[j] * w;
+                    float v = count_consensus ? sgn(dt[j]) : dt[j] * w;
                     e_keep[j] = e_keep[j] + (kt[j] ? v : 0.0f);
                     if (protect) e_prot[j] = e_prot[j] + (pt[j] ? v : 0.0f);
                 }
@@ -214,7 +223,7 @@ int64_t wb_merge(wb_merge_args *a) {
         }
         for (int j = 0; j < m; j++) num[j] = den[j] = 0.0f;
         for (int t = 0; t < T; t++) {
-            float w = a->experts[t].weight;
+            const float w = ex[t].weight;
             const float *dt = d[t];
             const int32_t *kt = keep[t], *pt = prot[t];
             int64_t ke = 0, pe = 0, kp = 0, pp = 0;
@@ -240,11 +249,10 @@ int64_t wb_merge(wb_merge_args *a) {
             counts[t][WB_KEPT_ENTERED_PLAIN] += kp;
             counts[t][WB_PROTECTED_ENTERED_PLAIN] += pp;
         }
-        int plain_sum = a->method == WB_TASK_ARITHMETIC || (ties && !a->normalize);
         int64_t nb = 0;
         for (int j = 0; j < m; j++) {
             float merged = plain_sum ? num[j] : (den[j] != 0.0f ? num[j] / (den[j] != 0.0f ? den[j] : 1.0f) : 0.0f);
-            float r = a->method == WB_LINEAR ? merged : b[j] + a->lam * merged;
+            float r = linear ? merged : b[j] + lam * merged;
             nb += r != r;
             x[j] = r;
         }
@@ -271,20 +279,23 @@ static void abs_delta_bits(const void *base, int base_dtype, const void *expert,
 
 void wb_radix_hist(const wb_hist_args *a) {
     uint32_t bits[BLK];
+    /* Locals, not the struct's fields, in the loops: the histogram stores could alias them. */
+    const int shift = a->shift, above = a->shift + a->width, num_prefixes = a->num_prefixes;
     const uint32_t digit_mask = (1u << a->width) - 1u;
-    const int above = a->shift + a->width;
-    const int64_t bins = (int64_t)1 << a->width;
-    for (int64_t i0 = a->start; i0 < a->end; i0 += BLK) {
-        int m = (int)(a->end - i0 < BLK ? a->end - i0 : BLK);
+    const int64_t bins = (int64_t)1 << a->width, start = a->start, end = a->end;
+    int64_t *hist = a->hist;
+    const int64_t *prefixes = a->prefixes;
+    for (int64_t i0 = start; i0 < end; i0 += BLK) {
+        int m = (int)(end - i0 < BLK ? end - i0 : BLK);
         abs_delta_bits(a->base, a->base_dtype, a->expert, a->expert_dtype, i0, m, bits);
-        if (a->num_prefixes == 0) {
-            for (int j = 0; j < m; j++) a->hist[(bits[j] >> a->shift) & digit_mask]++;
+        if (num_prefixes == 0) {
+            for (int j = 0; j < m; j++) hist[(bits[j] >> shift) & digit_mask]++;
             continue;
         }
         for (int j = 0; j < m; j++) {
             int64_t prefix = above >= 32 ? 0 : (int64_t)(bits[j] >> above);
-            for (int k = 0; k < a->num_prefixes; k++)
-                if (prefix == a->prefixes[k]) a->hist[k * bins + ((bits[j] >> a->shift) & digit_mask)]++;
+            for (int k = 0; k < num_prefixes; k++)
+                if (prefix == prefixes[k]) hist[k * bins + ((bits[j] >> shift) & digit_mask)]++;
         }
     }
 }

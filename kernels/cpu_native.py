@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .merge_codes import Count, Method
@@ -195,8 +196,10 @@ def _parallel(parts: list, fn) -> list:
     return [f.result() for f in futures]
 
 
-def _i64_ptr(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(_i64))
+def _np_i64(a: np.ndarray):
+    """A C-contiguous int64 numpy array as an int64*. The C side's buffers are numpy, not torch: a torch op
+    (even zeros or sum) is an OpenMP region that stalls whenever another process holds a core."""
+    return a.ctypes.data_as(ctypes.POINTER(_i64))
 
 
 def merge(base, experts, p, out, quotas, dare=None) -> torch.Tensor | None:
@@ -220,40 +223,39 @@ def merge(base, experts, p, out, quotas, dare=None) -> torch.Tensor | None:
             k0, k1, threshold, scale = dare[t] if dare is not None else (0, 0, 0, 1.0)
             row[t] = Expert(e.data_ptr(), DTYPES[e.dtype], p.weights[t], p.keep_taus[t], p.protect_taus[t],
                             quotas[index][t][0], quotas[index][t][1], k0, k1, threshold, scale)
-        counts = torch.zeros((T, len(Count)), dtype=torch.int64)
+        counts = np.zeros((T, len(Count)), dtype=np.int64)
         args = MergeArgs(start, end, base_ptr, base_dtype, out.data_ptr(), DTYPES[out.dtype], int(p.method), T,
-                         int(p.count_consensus), int(p.normalize), int(p.has_protect), p.lam, row, _i64_ptr(counts))
+                         int(p.count_consensus), int(p.normalize), int(p.has_protect), p.lam, row, _np_i64(counts))
         return counts, lib.wb_merge(ctypes.byref(args))
 
     results = _parallel(list(range(len(parts))), run)
-    return None if any(nans for _, nans in results) else sum(counts for counts, _ in results)
+    return None if any(nans for _, nans in results) else torch.from_numpy(sum(counts for counts, _ in results))
 
 
-def radix_hist(base, expert, shift: int, width: int, prefixes: list[int]) -> torch.Tensor:
+def radix_hist(base, expert, shift: int, width: int, prefixes: list[int]) -> np.ndarray:
     """One radix pass per range of `ranges(n)`: int64 [ranges, max(1, len(prefixes)), 2**width] counts of
     the digit (key >> shift) & (2**width − 1) over the elements whose key's higher bits equal each prefix
     (all elements when `prefixes` is empty)."""
     lib = library()
-    wanted = torch.tensor(list(prefixes) or [0], dtype=torch.int64)
+    wanted = np.array(list(prefixes) or [0], dtype=np.int64)
     parts = ranges(base.numel())
-    rows = torch.zeros((len(parts), max(1, len(prefixes)), 1 << width), dtype=torch.int64)
+    rows = np.zeros((len(parts), max(1, len(prefixes)), 1 << width), dtype=np.int64)
 
     def run(index):
         start, end = parts[index]
         args = HistArgs(start, end, base.data_ptr(), expert.data_ptr(), DTYPES[base.dtype], DTYPES[expert.dtype],
-                        shift, width, len(prefixes), _i64_ptr(wanted), _i64_ptr(rows[index]))
+                        shift, width, len(prefixes), _np_i64(wanted), _np_i64(rows[index]))
         lib.wb_radix_hist(ctypes.byref(args))
 
     _parallel(list(range(len(parts))), run)
     return rows
 
 
-def count_equal(base, expert, tau: float) -> torch.Tensor:
-    """int64 [ranges]: per range of `ranges(n)`, the elements whose key (|δ|, non-finite as 0) equals τ."""
+def count_equal(base, expert, tau: float) -> list[int]:
+    """Per range of `ranges(n)`, the elements whose key (|δ|, non-finite as 0) equals τ."""
     lib = library()
     b, e = (base.data_ptr(), DTYPES[base.dtype]), (expert.data_ptr(), DTYPES[expert.dtype])
-    counts = _parallel(ranges(base.numel()), lambda r: lib.wb_count_equal(r[0], r[1], *b, *e, tau))
-    return torch.tensor(counts, dtype=torch.int64)
+    return _parallel(ranges(base.numel()), lambda r: lib.wb_count_equal(r[0], r[1], *b, *e, tau))
 
 
 def count_nonfinite(t: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ import torch
 from . import chunks, cpu_native
 from .dispatch import LAUNCH_OPTIONS, flat_contiguous, fp32_scalar, jit, kernel_backend, triton_kernels
 from .rounding import store_rounded
-from .ties import _prepare, merge_counts, range_quotas, ties_merge
+from .ties import merge_counts, prepare_merge, range_quotas, ties_merge
 from .topk_threshold import TopK
 
 if TYPE_CHECKING:
@@ -167,7 +167,8 @@ def dare_ties_merge(base: torch.Tensor, experts, drop_rates, seeds, *, weights=N
     keep = [KEEP_NONZERO] * len(experts)
     native = len(experts) <= cpu_native.max_experts()
     if experts and kernel_backend(base, *experts, out, native=native) == "c":
-        prepared, params, target = _prepare(base, experts, weights, keep, None, lam, "ties", normalize, consensus, out)
+        prepared, params, target = prepare_merge(base, experts, weights, keep, None, lam, "ties", normalize, consensus,
+                                                 out)
         dare = [(*seed_keys(s), drop_threshold(p), fp32_scalar(1.0 / (1.0 - p))) for p, s in zip(drop_rates, seeds)]
         counts = cpu_native.merge(base, prepared, params, target, range_quotas(params, base, prepared), dare=dare)
         if counts is not None:

@@ -1,4 +1,5 @@
-"""Delta statistics (docs/design.md §4.1): Σ|δ|, Σδ², max|δ|, n, ‖δ‖/‖θ_b‖ and the non-finite count, in one pass.
+"""Delta statistics (docs/design.md §4.1): Σ|δ|, Σδ², max|δ|, n, ‖δ‖/‖θ_b‖ and the non-finite count, in one
+pass.
 
 δ = θ_expert − θ_base in fp32, never materialized for a whole tensor. Elements where δ is not finite
 (base or expert NaN/Inf) are counted in `nonfinite` and excluded from every sum and from the max; the base

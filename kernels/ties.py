@@ -255,7 +255,7 @@ def range_quotas(p: MergeParams, base, experts) -> list:
     ranges = len(cpu_native.ranges(n))
     if p.method != Method.TIES:
         return [[(0, 0)] * len(experts) for _ in range(ranges)]
-    per_expert = [(segment_quotas(k, base, e, "c", seg).tolist(), segment_quotas(s, base, e, "c", seg).tolist())
+    per_expert = [(segment_quotas(k, base, e, "c", seg), segment_quotas(s, base, e, "c", seg))
                   for k, s, e in zip(p.keep, p.protect, experts)]
     return [[(keep[r], prot[r]) for keep, prot in per_expert] for r in range(ranges)]
 
@@ -276,7 +276,7 @@ def ties_merge(base: torch.Tensor | None, experts: Sequence[torch.Tensor], *, we
     every element). protect: per expert, TIES-SV's selection at slack s_t (None: nothing). out: where to
     write (may be `base`).
     """
-    experts, p, out = _prepare(base, experts, weights, keep, protect, lam, method, normalize, consensus, out)
+    experts, p, out = prepare_merge(base, experts, weights, keep, protect, lam, method, normalize, consensus, out)
     backend = kernel_backend(base, *experts, out, native=len(experts) <= cpu_native.max_experts(),
                              triton=len(experts) <= TRITON_MAX_EXPERTS)
     counts = None
@@ -297,7 +297,7 @@ def ties_merge_reference(base, experts, **kwargs) -> tuple[torch.Tensor, MergeCo
     """The formula on materialized fp32 tensors (same arguments as `ties_merge`)."""
     args = {"weights": None, "keep": None, "protect": None, "lam": 1.0, "method": "ties", "normalize": True,
             "consensus": "sum", "out": None, **kwargs}
-    experts, p, out = _prepare(base, experts, *args.values())
+    experts, p, out = prepare_merge(base, experts, *args.values())
     counts = _ties_reference(base, experts, p, out)
     return out, merge_counts(experts[0].numel(), counts, "reference")
 
@@ -345,7 +345,8 @@ def _ties_reference(base, experts, p: MergeParams, out) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _prepare(base, experts, weights, keep, protect, lam, method, normalize, consensus, out):
+def prepare_merge(base, experts, weights, keep, protect, lam, method, normalize, consensus, out):
+    """Check the arguments of `ties_merge`; (experts as a list, MergeParams, the output tensor)."""
     experts = list(experts)
     if method not in METHODS:
         raise ValueError(f"ties_merge: method {method!r}: expected one of {', '.join(METHODS)}")

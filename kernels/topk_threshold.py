@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from . import cpu_native, radix_passes
@@ -60,7 +61,7 @@ class TopK:
     ties: int | None = None
     count: int | None = None
     segment: int = field(default=0, compare=False)
-    segment_ties: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    segment_ties: torch.Tensor | list | None = field(default=None, compare=False, repr=False)
 
     @property
     def partial(self) -> bool:
@@ -122,16 +123,16 @@ class PieceSelection:
 
 # ------------------------------------------------------------------------------------------- selection
 
-def _walk(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+def _walk(hist: np.ndarray, rank: int) -> tuple[int, int]:
     """(bin, rank within bin) of the `rank`-th largest element counted in `hist` (bins ascending)."""
-    from_top = hist.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, rank))
+    from_top = np.cumsum(hist[::-1])
+    j = int(np.searchsorted(from_top, rank))
     above = int(from_top[j - 1]) if j > 0 else 0
-    return hist.numel() - 1 - j, rank - above
+    return hist.size - 1 - j, rank - above
 
 
 def _bits_to_float(bits: int) -> float:
-    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+    return float(np.array(bits, dtype=np.uint32).view(np.float32))
 
 
 class _Passes:
@@ -154,7 +155,7 @@ class _Passes:
             return "torch"
         return backend
 
-    def run(self, step: int, prefixes: list[int], keep_segments: bool = False) -> torch.Tensor:
+    def run(self, step: int, prefixes: list[int], keep_segments: bool = False) -> np.ndarray:
         """Pass `step` over every pair: int64 [max(1, len(prefixes)), 2**width] (pass 0 also counts n)."""
         total, pairs = None, 0
         self.segment_rows, self.segment = None, 0
@@ -172,10 +173,13 @@ class _Passes:
             if backend == "triton":
                 rows, seg = radix_passes.triton_pass(base, expert, shift, width, prefixes), segment_size(base.numel())
             elif backend == "c":
-                rows, seg = cpu_native.radix_hist(base, expert, shift, width, prefixes), cpu_native.segment(base.numel())
+                rows = cpu_native.radix_hist(base, expert, shift, width, prefixes)
+                seg = cpu_native.segment(base.numel())
             else:
                 rows, seg = radix_passes.torch_pass(base, expert, shift, width, prefixes), 0
-            part = rows.sum(0, dtype=torch.int64).cpu()
+            # Host-side bookkeeping in numpy: a PyTorch op per pass and tensor is an OpenMP region, which
+            # stalls for milliseconds whenever another process holds a core.
+            part = rows.sum(0, dtype=torch.int64).cpu().numpy() if isinstance(rows, torch.Tensor) else rows.sum(0)
             total = part if total is None else total + part
             if keep_segments and seg:
                 self.segment_rows, self.segment = rows, seg
@@ -212,7 +216,8 @@ def _radix_select(passes: _Passes, fractions: list[float], rule: str) -> list[To
         row, digit, ties = found[i]
         segment_ties = None
         if passes.segment_rows is not None and rule == "exact":
-            segment_ties = passes.segment_rows[:, row, digit].to(torch.int64)
+            column = passes.segment_rows[:, row, digit]
+            segment_ties = column.to(torch.int64) if isinstance(column, torch.Tensor) else column.tolist()
         out.append(TopK(_bits_to_float(prefix[i]), take=rank[i] if rule == "exact" else ALL, ties=ties,
                         count=keep_count(f, passes.n), segment=passes.segment if segment_ties is not None else 0,
                         segment_ties=segment_ties))
@@ -277,34 +282,34 @@ def _count_equal(base, expert, tau: float) -> int:
     if backend == "triton":
         return int(radix_passes.triton_count_equal(base, expert, tau).sum())
     if backend == "c":
-        return int(cpu_native.count_equal(base, expert, tau).sum())
+        return sum(cpu_native.count_equal(base, expert, tau))
     return radix_passes.torch_count_equal(base, expert, tau)
 
 
-def segment_tie_counts(base, expert, tau: float, backend: str) -> tuple[int, torch.Tensor]:
-    """(segment, int64 ties per segment) in the segments a merge on `backend` uses ("triton": one per
-    program, "c": one per C range)."""
-    if backend == "triton":
-        return segment_size(base.numel()), radix_passes.triton_count_equal(base, expert, tau)
-    if backend == "c":
-        return cpu_native.segment(base.numel()), cpu_native.count_equal(base, expert, tau)
-    raise ValueError(f"segment_tie_counts: backend {backend!r} has no segments")
-
-
-def segment_quotas(sel: TopK, base, expert, backend: str, segment: int) -> torch.Tensor:
-    """int64 [segments] on base's device: the ties at τ each segment of `segment` elements keeps, in flat
-    order. An exclusive prefix sum of the segments' tie counts (the selection's own, when it recorded them
-    for these segments; else one counting pass)."""
+def segment_quotas(sel: TopK, base, expert, backend: str, segment: int):
+    """The ties at τ each segment of `segment` elements keeps, in flat order: an exclusive prefix sum of the
+    segments' tie counts (the selection's own, when it recorded them for these segments; else one counting
+    pass). "c": a list of ints, one per C range; "triton": int64 [programs] on base's device."""
     segments = max(1, -(-base.numel() // segment))
+    if backend == "c":
+        if not sel.partial:
+            return [0 if sel.take <= 0 else ALL] * segments
+        ties = sel.segment_ties if sel.segment == segment and sel.segment_ties is not None else \
+            cpu_native.count_equal(base, expert, sel.tau)
+        quotas, before = [], 0
+        for count in ties:
+            quotas.append(max(sel.take - before, 0))
+            before += count
+        return quotas
+    if backend != "triton":
+        raise ValueError(f"segment_quotas: backend {backend!r} has no segments")
     if not sel.partial:
         return torch.full((segments,), 0 if sel.take <= 0 else ALL, dtype=torch.int64, device=base.device)
     if sel.segment == segment and sel.segment_ties is not None:
-        ties = sel.segment_ties.to(base.device)
+        ties = torch.as_tensor(sel.segment_ties, device=base.device)
     else:
-        _, ties = segment_tie_counts(base, expert, sel.tau, backend)
-        ties = ties.to(base.device)
-    before = ties.cumsum(0) - ties
-    return (sel.take - before).clamp_min(0)
+        ties = radix_passes.triton_count_equal(base, expert, sel.tau)
+    return (sel.take - (ties.cumsum(0) - ties)).clamp_min(0)
 
 
 # -------------------------------------------------------------------------------------------- reference

@@ -150,7 +150,8 @@ def test_kernels_compile_for_a_gpu():
     if not triton_available():
         pytest.skip("triton is not installed")
     result = _codegen()
-    if result.returncode != 0 and "ptxas" in result.stdout + result.stderr and "not found" in result.stdout + result.stderr:
+    said = result.stdout + result.stderr
+    if result.returncode != 0 and "ptxas" in said and "not found" in said:
         pytest.skip("this Triton build has no ptxas")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compiled" in result.stdout and "FAIL" not in result.stdout

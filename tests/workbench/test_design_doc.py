@@ -18,7 +18,8 @@ def test_every_design_citation_names_a_section_of_docs_design_md():
     cited = 0
     for path in CODE:
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"(?<!docs/design\.md )\bDESIGN(\.md)?\s*§", text), f"{path}: cites a DESIGN.md outside the repository"
+        assert not re.search(r"(?<!docs/design\.md )\bDESIGN(\.md)?\s*§", text), \
+            f"{path}: cites a DESIGN.md outside the repository"
         for match in re.finditer(r"docs/design\.md\s*((?:§\s*[\d.]+[a-z]?(?:[–,]\s*)?)+)", text):
             for section in re.findall(r"(\d+(?:\.\d+)?[a-z]?)", match.group(1)):
                 assert section.rstrip(".") in sections, f"{path}: docs/design.md §{section} does not exist"

@@ -2,8 +2,8 @@
 
 Peak memory is about (T + 2) × the largest tensor: each input tensor is a private copy-on-write map of
 its file, released as soon as its output is written. On CPU every output is computed into one reusable
-buffer: writing over a map's pages would copy each page on first write (docs/benchmarks.md, "CPU merge
-speed", has the measurement); on GPU the output may be written over the base's device copy.
+buffer: writing over a map's pages would copy each page on first write (docs/benchmarks.md, "Whole merges
+against mergekit", has the measurement); on GPU the output may be written over the base's device copy.
 An interrupted merge resumes from its last finished shard; the output directory appears only when
 complete (the writer renames it into place).
 """

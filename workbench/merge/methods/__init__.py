@@ -35,7 +35,8 @@ class Expert:
 
 @dataclass
 class TensorMerge:
-    """One tensor's inputs and parameters (docs/design.md §3: δ_t = θ_t − θ_b, computed in fp32 by the kernels)."""
+    """One tensor's inputs and parameters (docs/design.md §3: δ_t = θ_t − θ_b, computed in fp32 by the
+    kernels)."""
 
     name: str
     base: torch.Tensor | None
