@@ -140,7 +140,8 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, co
 
     mergekit: True finds `mergekit-yaml` (skipped when absent), False times workbench only, a path runs
     that executable (e.g. one installed in another virtual environment). compare: also compare the two
-    outputs of the COMPARABLE cases element by element (`compare.compare_merges`).
+    outputs of the COMPARABLE cases element by element (`compare.compare_merges`), after every case has
+    been timed: a child's peak RSS on Linux includes what this process held when it forked the child.
     """
     import yaml
 
@@ -152,46 +153,51 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, co
     results = {"size": size, "parameters": sum(math.prod(s) for _, s in llama_tensors(**SIZES[size])),
                "mergekit": mk is not None, "mergekit_command": mk, "mergekit_requested": bool(mergekit),
                "compare": bool(compare), "cases": {}}
+    kept = []   # (case, our output, mergekit's output) to compare at the end
     for case in cases(models, SIZES[size]["layers"]):
         if only and case.name not in only:
             continue
         row = {}
         recipe = work / f"{case.name}.workbench.yaml"
         recipe.write_text(yaml.safe_dump(case.workbench), encoding="utf-8")
-        out = work / f"out-{case.name}-workbench"
-        shutil.rmtree(out, ignore_errors=True)
+        ours = work / f"out-{case.name}-workbench"
+        shutil.rmtree(ours, ignore_errors=True)
         warm_page_cache(files)
-        run = run_measured([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out),
+        run = run_measured([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(ours),
                             "--device", "cpu"])
         if run.returncode != 0:
             raise RuntimeError(f"workbench merge failed for {case.name}:\n{run.output[-2000:]}")
         row["workbench"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
-        ours = out
-        keep = compare and case.name in COMPARABLE
-        if not keep:
-            shutil.rmtree(ours, ignore_errors=True)
+        theirs = None
         if mk is not None and case.mergekit is not None:
             config = work / f"{case.name}.mergekit.yaml"
             config.write_text(yaml.safe_dump(case.mergekit), encoding="utf-8")
-            out = work / f"out-{case.name}-mergekit"
-            shutil.rmtree(out, ignore_errors=True)
+            theirs = work / f"out-{case.name}-mergekit"
+            shutil.rmtree(theirs, ignore_errors=True)
             warm_page_cache(files)
-            run = run_measured([mk, str(config), str(out), "--allow-crimes", "--lazy-unpickle"])
+            run = run_measured([mk, str(config), str(theirs), "--allow-crimes", "--lazy-unpickle"])
             if run.returncode != 0:
                 row["mergekit"] = {"error": run.output[-1500:]}
+                theirs = None
             else:
                 row["mergekit"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
                 row["time_ratio"] = round(row["workbench"]["seconds"] / row["mergekit"]["seconds"], 3)
                 row["rss_ratio"] = round(row["workbench"]["peak_rss_gb"] / row["mergekit"]["peak_rss_gb"], 3)
-                if keep:
-                    densities = [m.get("density", 1.0) for m in case.workbench["models"]]
-                    row["comparison"] = compare_merges(ours, out, models["base"],
-                                                       [models["expert_a"], models["expert_b"]], densities)
-                    progress(format_comparison(case.name, row["comparison"]))
-            shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(ours, ignore_errors=True)
+        if compare and case.name in COMPARABLE and theirs is not None:
+            kept.append((case, ours, theirs))
+        else:
+            shutil.rmtree(ours, ignore_errors=True)
+            if theirs is not None:
+                shutil.rmtree(theirs, ignore_errors=True)
         results["cases"][case.name] = row
         progress(f"{case.name}: {json.dumps(row)}")
+    for case, ours, theirs in kept:
+        densities = [m.get("density", 1.0) for m in case.workbench["models"]]
+        comparison = compare_merges(ours, theirs, models["base"], [models["expert_a"], models["expert_b"]], densities)
+        results["cases"][case.name]["comparison"] = comparison
+        progress(format_comparison(case.name, comparison))
+        shutil.rmtree(ours, ignore_errors=True)
+        shutil.rmtree(theirs, ignore_errors=True)
     return results
 
 
