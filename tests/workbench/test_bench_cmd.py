@@ -137,8 +137,9 @@ def test_compare_puts_tie_choices_in_the_tied_band(tmp_path):
     same = compare_merges(outs["exact"], outs["exact"], models["base"], experts, [0.2, 0.2])
     assert same["differ_outside_band_share"] == 0 and same["max_changed_share_gap_pp"] == 0 and targets_met(same)
     c = compare_merges(outs["exact"], outs["keep_all"], models["base"], experts, [0.2, 0.2])
-    assert c["tensors"] > 10 and 0 < c["tied_band_share"] < 0.5
-    assert c["differ_outside_band_share"] == 0 and c["differ_inside_band_share"] > 0
+    assert c["tensors"] > 10 and 0 < c["threshold_band_share"] < 0.5 and c["zero_election_share"] > 0
+    assert c["differ_outside_band_share"] == 0 and c["differ_outside_both_share"] == 0
+    assert c["differ_inside_band_share"] > 0
     assert c["max_changed_share_gap_pp"] > 0
     assert all(t["changed_workbench"] <= t["changed_mergekit"] for t in c["per_tensor"].values())
 
