@@ -51,7 +51,7 @@ setup(
         # The upper bound keeps pip on the CPU wheel this machine has (2.13.0) and never pulls
         # a newer CUDA build; widen it only after checking that nothing else would be pulled.
         "torch>=2.4,<2.14",
-        "triton>=3.0",
+        "triton>=3.6",  # tested: 3.6.0 (torch 2.11, GPU) and 3.9.0 (torch 2.13); README, "Merge methods and kernels"
         "transformers>=4.46",
         "peft>=0.13",
         "accelerate>=1.0",

@@ -1,10 +1,9 @@
 """Row-major pieces of about CHUNK elements, the unit of work of the CPU path.
 
-The CPU path never builds a whole-tensor temporary: each operation walks its inputs piece by piece, so
-fp32 temporaries stay cache-sized (measured on a 2-core machine: 128K-element pieces beat 1M-element
-pieces by ~2x for a fused merge). Pieces are cut from the shape alone, so tensors of one shape are cut
-identically whatever their strides; a piece of a contiguous tensor is a view, a piece of a
-non-contiguous tensor is a small copy.
+The PyTorch pieces never build a whole-tensor temporary: each operation walks its inputs piece by piece,
+so fp32 temporaries stay cache-sized (docs/benchmarks.md records how the piece size was chosen). Pieces
+are cut from the shape alone, so tensors of one shape are cut identically whatever their strides; a piece
+of a contiguous tensor is a view, a piece of a non-contiguous tensor is a small copy.
 """
 from __future__ import annotations
 
@@ -49,8 +48,3 @@ def write(t: torch.Tensor, index: tuple, values: torch.Tensor) -> None:
     target = t[index]
     target.copy_(values.view(target.shape))
 
-
-def flat_ranges(n: int, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
-    """(start, end) ranges over a flat index space of `n` elements."""
-    for start in range(0, n, chunk):
-        yield start, min(start + chunk, n)

@@ -3,24 +3,77 @@
  *
  * Built at first use by cpu_native.py (`cc -O3 -march=native -ffp-contract=off`: no FMA contraction, no
  * fast-math, so every +, *, / rounds as PyTorch's does) and called through ctypes, which releases the GIL:
- * Python threads run disjoint element ranges side by side. Inputs are fp32 (code 0) or bf16 (code 1); all
- * arithmetic is fp32. Plain C, no dependencies.
+ * Python threads run disjoint element ranges side by side. Inputs are fp32 or bf16; all arithmetic is
+ * fp32. Plain C, no dependencies. The enums and structs are mirrored in cpu_native.py; `wb_abi` lets it
+ * check the mirror against this file.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#define FLT_MAX_ 3.4028234663852886e38f
-
 #define BLK 256  /* elements per block: the block-local arrays (on the stack) stay in L1/L2 */
 #define MAX_T 16
 
-/* The most experts wb_ties takes (cpu_native.py reads it from here). */
-int wb_max_experts(void) { return MAX_T; }
+static const float FLT_MAX_ = 3.4028234663852886e38f;
+
+enum wb_dtype { WB_FP32 = 0, WB_BF16 = 1 };
+enum wb_method { WB_TIES = 0, WB_TASK_ARITHMETIC = 1, WB_LINEAR = 2 };  /* merge_codes.Method */
+enum wb_count {                                                   /* merge_codes.Count */
+    WB_KEPT, WB_KEPT_ENTERED, WB_PROTECTED, WB_PROTECTED_ENTERED, WB_KEPT_ENTERED_PLAIN,
+    WB_PROTECTED_ENTERED_PLAIN, WB_NONFINITE, WB_COUNTS
+};
+
+/* One expert of a merge over one element range. The trim keeps |δ| > keep_tau and, of the elements with
+ * |δ| = keep_tau (non-finite δ ranks as 0), the first keep_quota in flat order; the protection likewise
+ * with protect_tau / protect_quota (tau +inf and quota 0: protects nothing). Quotas are consumed. */
+typedef struct {
+    const void *data;
+    int32_t dtype;
+    float weight, keep_tau, protect_tau;
+    int64_t keep_quota, protect_quota;
+    /* DARE (dare.py), applied on the fly: drop threshold 0 means no drop. */
+    uint32_t dare_k0, dare_k1, dare_threshold;
+    float dare_scale;
+} wb_expert;
+
+typedef struct {
+    int64_t start, end;
+    const void *base;  /* NULL for linear */
+    int32_t base_dtype;
+    void *out;
+    int32_t out_dtype;
+    int32_t method, num_experts, count_consensus, normalize, has_protect;
+    float lam;
+    wb_expert *experts;
+    int64_t *counts;   /* [num_experts][WB_COUNTS], added to */
+} wb_merge_args;
+
+/* A radix pass over one element range: hist[k][digit] += 1 for every element whose key's bits above the
+ * digit equal prefixes[k] (num_prefixes 0: every element, one row). key = the bits of |δ| in fp32. */
+typedef struct {
+    int64_t start, end;
+    const void *base, *expert;
+    int32_t base_dtype, expert_dtype, shift, width, num_prefixes;
+    const int64_t *prefixes;
+    int64_t *hist;     /* [max(1, num_prefixes)][1 << width] */
+} wb_hist_args;
+
+/* The layout facts cpu_native.py checks its mirror against. */
+int64_t wb_abi(int what) {
+    switch (what) {
+        case 0: return MAX_T;
+        case 1: return (int64_t)sizeof(wb_expert);
+        case 2: return (int64_t)sizeof(wb_merge_args);
+        case 3: return (int64_t)sizeof(wb_hist_args);
+        case 4: return WB_COUNTS;
+        case 5: return WB_LINEAR;
+        default: return -1;
+    }
+}
 
 /* dst[j] = element i0 + j of p as fp32, j < m. bf16 -> fp32 is exact: the bits shifted up. */
-static void load_block(const void *p, int code, int64_t i0, int m, float *dst) {
-    if (code == 0) {
+static void load_block(const void *p, int dtype, int64_t i0, int m, float *dst) {
+    if (dtype == WB_FP32) {
         memcpy(dst, (const float *)p + i0, (size_t)m * 4);
         return;
     }
@@ -34,8 +87,8 @@ static inline uint16_t bf16_bits(uint32_t u) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0xFFFF : (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
-static void store_block(void *p, int code, int64_t i0, int m, const float *src) {
-    if (code == 0) {
+static void store_block(void *p, int dtype, int64_t i0, int m, const float *src) {
+    if (dtype == WB_FP32) {
         memcpy((float *)p + i0, src, (size_t)m * 4);
         return;
     }
@@ -57,13 +110,12 @@ static inline uint32_t lowbias32(uint32_t x) {
 
 /* DARE (dare.py) on a block of one expert, as dare_ would leave it in that expert's storage:
  * x <- b + (keep ? (x − b)·scale : 0), rounded to the expert's dtype and read back as fp32. */
-static void dare_block(float *x, const float *b, int code, int64_t i0, int m, const int64_t *keys, float scale) {
-    uint32_t k0 = (uint32_t)keys[0], k1 = (uint32_t)keys[1], threshold = (uint32_t)keys[2];
+static void dare_block(float *x, const float *b, const wb_expert *e, int64_t i0, int m) {
     for (int j = 0; j < m; j++) {
         uint64_t i = (uint64_t)(i0 + j);
-        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ k0) ^ (uint32_t)(i >> 32) ^ k1);
-        float v = b[j] + ((h >> 8) >= threshold ? (x[j] - b[j]) * scale : 0.0f);
-        if (code == 1) {
+        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ e->dare_k0) ^ (uint32_t)(i >> 32) ^ e->dare_k1);
+        float v = b[j] + ((h >> 8) >= e->dare_threshold ? (x[j] - b[j]) * e->dare_scale : 0.0f);
+        if (e->dtype == WB_BF16) {
             uint32_t u;
             memcpy(&u, &v, 4);
             u = (uint32_t)bf16_bits(u) << 16;
@@ -73,146 +125,207 @@ static void dare_block(float *x, const float *b, int code, int64_t i0, int m, co
     }
 }
 
-/* ties.py's formula on elements [start, end). method: 0 ties, 1 task_arithmetic, 2 linear.
- * params: [T][3] = (w_t, tau_hi_t, tau_lo_t), fp32. counts: [T][4] += (kept, survived, slack_admitted,
- * nonfinite). dare: NULL, or [T][3] = (k0, k1, drop threshold; 0: no drop) with dare_scale [T]: each
- * expert is first dropped and rescaled as dare_ would (DARE-TIES in one pass, the experts unchanged).
- * Returns how many results were NaN (the caller recomputes such tensors elsewhere).
- * Per block: the deltas and masks of every expert, then the election, then the disjoint mean. */
-int64_t wb_ties(int64_t start, int64_t end, const void *base, int base_code, const void **experts,
-                const int *codes, int T, const float *params, float lam, int method, int count_consensus,
-                int normalize, int has_slack, void *out, int out_code, int64_t *counts, const int64_t *dare,
-                const float *dare_scale) {
-    float b[BLK], x[BLK], d[MAX_T][BLK], s[BLK], e1[BLK], e2[BLK], num[BLK], den[BLK];
-    int32_t keep[MAX_T][BLK], cand[MAX_T][BLK];
-    int64_t kept[MAX_T] = {0}, surv[MAX_T] = {0}, adm[MAX_T] = {0}, bad[MAX_T] = {0}, nans = 0;
+/* The exact top-k membership of a block (topk_threshold.py): key[j] = |δ| (0 where not finite), ok[j] = δ
+ * finite. Ties at tau are taken in order while *quota lasts; a block the quota covers whole (or not at all)
+ * needs no running count. */
+static void topk_member(const float *key, const int32_t *ok, int m, float tau, int64_t *quota, int32_t *member) {
+    int64_t q = *quota;
+    if (q <= 0) {
+        for (int j = 0; j < m; j++) member[j] = ok[j] & (key[j] > tau);
+        return;
+    }
+    if (q >= m) {
+        int64_t ties = 0;
+        for (int j = 0; j < m; j++) {
+            ties += key[j] == tau;
+            member[j] = ok[j] & (key[j] >= tau);
+        }
+        *quota = q - ties;
+        return;
+    }
+    for (int j = 0; j < m; j++) {
+        int32_t take = (key[j] == tau) & (q > 0);
+        q -= take;
+        member[j] = ok[j] & ((key[j] > tau) | take);
+    }
+    *quota = q;
+}
+
+/* ties.py's formula on elements [start, end): per block, each expert's delta and masks, then the election
+ * (TIES-SV: the protected vote where it is not 0, else the trimmed vote), then the disjoint mean.
+ * Returns how many results were NaN (the caller recomputes such tensors elsewhere). */
+int64_t wb_merge(wb_merge_args *a) {
+    float b[BLK], x[BLK], key[BLK], d[MAX_T][BLK], s[BLK], s_plain[BLK], e_keep[BLK], e_prot[BLK];
+    float num[BLK], den[BLK];
+    int32_t ok[MAX_T][BLK], keep[MAX_T][BLK], prot[MAX_T][BLK];
+    int64_t counts[MAX_T][WB_COUNTS];
+    int64_t nans = 0;
+    /* Every parameter in a local: the inner loops store through int32/float pointers, which the compiler
+     * must otherwise assume may alias the struct's fields, reloading them and not vectorizing. */
+    wb_expert ex[MAX_T];
+    const int T = a->num_experts, ties = a->method == WB_TIES, protect = ties && a->has_protect;
+    const int linear = a->method == WB_LINEAR, count_consensus = a->count_consensus;
+    const int plain_sum = a->method == WB_TASK_ARITHMETIC || (ties && !a->normalize);
+    const float lam = a->lam;
+    const int64_t start = a->start, end = a->end;
+    const void *base = a->base;
+    memcpy(ex, a->experts, (size_t)T * sizeof(wb_expert));
+    memset(counts, 0, sizeof(counts));
     for (int64_t i0 = start; i0 < end; i0 += BLK) {
         int m = (int)(end - i0 < BLK ? end - i0 : BLK);
-        if (base) load_block(base, base_code, i0, m, b);
+        if (base) load_block(base, a->base_dtype, i0, m, b);
         else memset(b, 0, sizeof(b));
         for (int t = 0; t < T; t++) {
-            float hi = params[3 * t + 1], lo = params[3 * t + 2];
-            int64_t k_t = 0, bad_t = 0;
-            load_block(experts[t], codes[t], i0, m, x);
-            if (dare && dare[3 * t + 2] > 0) dare_block(x, b, codes[t], i0, m, dare + 3 * t, dare_scale[t]);
+            wb_expert *e = &ex[t];
             float *dt = d[t];
-            int32_t *kt = keep[t], *ct = cand[t];
+            int32_t *okt = ok[t];
+            int64_t bad = 0;
+            load_block(e->data, e->dtype, i0, m, x);
+            if (e->dare_threshold > 0) dare_block(x, b, e, i0, m);
             for (int j = 0; j < m; j++) {
-                float v = method == 2 ? x[j] : x[j] - b[j];
-                float a = fabsf(v);
-                int32_t ok = a <= FLT_MAX_;
-                dt[j] = ok ? v : 0.0f;
-                int32_t k = method == 0 ? (ok & (a >= hi)) : ok;
-                kt[j] = k;
-                ct[j] = method == 0 ? (ok & (a >= lo)) : ok;
-                k_t += k;
-                bad_t += 1 - ok;
+                float v = linear ? x[j] : x[j] - b[j];
+                int32_t finite = fabsf(v) <= FLT_MAX_;
+                dt[j] = finite ? v : 0.0f;
+                key[j] = fabsf(dt[j]);
+                okt[j] = finite;
+                bad += 1 - finite;
             }
-            kept[t] += k_t;
-            bad[t] += bad_t;
+            counts[t][WB_NONFINITE] += bad;
+            if (ties) topk_member(key, okt, m, e->keep_tau, &e->keep_quota, keep[t]);
+            else memcpy(keep[t], okt, (size_t)m * sizeof(int32_t));
+            if (protect) topk_member(key, okt, m, e->protect_tau, &e->protect_quota, prot[t]);
+            else memset(prot[t], 0, sizeof(prot[t]));
+            int64_t k = 0, p = 0;
+            for (int j = 0; j < m; j++) {
+                k += keep[t][j];
+                p += prot[t][j];
+            }
+            counts[t][WB_KEPT] += k;
+            counts[t][WB_PROTECTED] += p;
         }
-        if (method == 0) {
-            for (int j = 0; j < m; j++) e1[j] = e2[j] = 0.0f;
+        if (ties) {
+            for (int j = 0; j < m; j++) e_keep[j] = e_prot[j] = 0.0f;
             for (int t = 0; t < T; t++) {
-                float w = params[3 * t];
+                const float w = ex[t].weight;
                 const float *dt = d[t];
-                const int32_t *kt = keep[t], *ct = cand[t];
+                const int32_t *kt = keep[t], *pt = prot[t];
                 for (int j = 0; j < m; j++) {
                     float v = count_consensus ? sgn(dt[j]) : dt[j] * w;
-                    e1[j] = e1[j] + (kt[j] ? v : 0.0f);
-                    e2[j] = e2[j] + ((ct[j] & !kt[j]) ? v : 0.0f);
+                    e_keep[j] = e_keep[j] + (kt[j] ? v : 0.0f);
+                    if (protect) e_prot[j] = e_prot[j] + (pt[j] ? v : 0.0f);
                 }
             }
             for (int j = 0; j < m; j++) {
-                float sj = sgn(e1[j]);
-                s[j] = (has_slack && sj == 0.0f) ? sgn(e2[j]) : sj;
+                s_plain[j] = sgn(e_keep[j]);
+                float sp = sgn(e_prot[j]);
+                s[j] = (protect && sp != 0.0f) ? sp : s_plain[j];
             }
         }
         for (int j = 0; j < m; j++) num[j] = den[j] = 0.0f;
         for (int t = 0; t < T; t++) {
-            float w = params[3 * t];
+            const float w = ex[t].weight;
             const float *dt = d[t];
-            const int32_t *kt = keep[t], *ct = cand[t];
-            int64_t sv = 0, ad = 0;
+            const int32_t *kt = keep[t], *pt = prot[t];
+            int64_t ke = 0, pe = 0, kp = 0, pp = 0;
             for (int j = 0; j < m; j++) {
-                int32_t agree = method == 0 ? (ct[j] & (dt[j] * s[j] > 0.0f)) : kt[j];
+                int32_t agree = ties ? (kt[j] & (dt[j] * s[j] > 0.0f)) : kt[j];
                 num[j] = num[j] + (agree ? dt[j] * w : 0.0f);
                 den[j] = den[j] + (agree ? w : 0.0f);
-                sv += agree & kt[j];
-                ad += agree & !kt[j];
+                ke += agree;
+                pe += agree & pt[j];
             }
-            surv[t] += sv;
-            adm[t] += ad;
+            if (protect) {
+                for (int j = 0; j < m; j++) {
+                    int32_t agree_plain = kt[j] & (dt[j] * s_plain[j] > 0.0f);
+                    kp += agree_plain;
+                    pp += agree_plain & pt[j];
+                }
+            } else {
+                kp = ke;
+                pp = pe;
+            }
+            counts[t][WB_KEPT_ENTERED] += ke;
+            counts[t][WB_PROTECTED_ENTERED] += pe;
+            counts[t][WB_KEPT_ENTERED_PLAIN] += kp;
+            counts[t][WB_PROTECTED_ENTERED_PLAIN] += pp;
         }
-        int plain = method == 1 || (method == 0 && !normalize);
         int64_t nb = 0;
         for (int j = 0; j < m; j++) {
-            float merged = plain ? num[j] : (den[j] != 0.0f ? num[j] / (den[j] != 0.0f ? den[j] : 1.0f) : 0.0f);
-            float r = method == 2 ? merged : b[j] + lam * merged;
+            float merged = plain_sum ? num[j] : (den[j] != 0.0f ? num[j] / (den[j] != 0.0f ? den[j] : 1.0f) : 0.0f);
+            float r = linear ? merged : b[j] + lam * merged;
             nb += r != r;
             x[j] = r;
         }
         nans += nb;
-        store_block(out, out_code, i0, m, x);
+        store_block(a->out, a->out_dtype, i0, m, x);
     }
-    for (int t = 0; t < T; t++) {
-        counts[4 * t] += kept[t];
-        counts[4 * t + 1] += surv[t];
-        counts[4 * t + 2] += adm[t];
-        counts[4 * t + 3] += bad[t];
-    }
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < WB_COUNTS; c++) a->counts[t * WB_COUNTS + c] += counts[t][c];
     return nans;
 }
 
-/* |expert − base| in fp32 as bits, non-finite -> 0 (topk_threshold.py's ranking key), for a block. */
-static void abs_delta_bits(const void *base, int base_code, const void *expert, int code, int64_t i0, int m,
+/* |expert − base| in fp32 as bits, non-finite -> 0: the ranking key of topk_threshold.py, for a block. */
+static void abs_delta_bits(const void *base, int base_dtype, const void *expert, int dtype, int64_t i0, int m,
                            uint32_t *bits) {
     float b[BLK], e[BLK];
-    load_block(base, base_code, i0, m, b);
-    load_block(expert, code, i0, m, e);
+    load_block(base, base_dtype, i0, m, b);
+    load_block(expert, dtype, i0, m, e);
     for (int j = 0; j < m; j++) {
-        float a = fabsf(e[j] - b[j]);
-        a = a <= FLT_MAX_ ? a : 0.0f;
-        memcpy(&bits[j], &a, 4);
+        float v = fabsf(e[j] - b[j]);
+        v = v <= FLT_MAX_ ? v : 0.0f;
+        memcpy(&bits[j], &v, 4);
     }
 }
 
-/* Radix pass 1: hist[bits >> 16] += 1 (32768 bins). */
-void wb_hist_high(int64_t start, int64_t end, const void *base, int base_code, const void *expert, int code,
-                  int64_t *hist) {
+void wb_radix_hist(const wb_hist_args *a) {
     uint32_t bits[BLK];
+    /* Locals, not the struct's fields, in the loops: the histogram stores could alias them. */
+    const int shift = a->shift, above = a->shift + a->width, num_prefixes = a->num_prefixes;
+    const uint32_t digit_mask = (1u << a->width) - 1u;
+    const int64_t bins = (int64_t)1 << a->width, start = a->start, end = a->end;
+    int64_t *hist = a->hist;
+    const int64_t *prefixes = a->prefixes;
     for (int64_t i0 = start; i0 < end; i0 += BLK) {
         int m = (int)(end - i0 < BLK ? end - i0 : BLK);
-        abs_delta_bits(base, base_code, expert, code, i0, m, bits);
-        for (int j = 0; j < m; j++) hist[bits[j] >> 16]++;
-    }
-}
-
-/* Radix pass 2: for the elements whose high half is buckets[k], hist[k][bits & 0xFFFF] += 1. */
-void wb_hist_low(int64_t start, int64_t end, const void *base, int base_code, const void *expert, int code,
-                 const int64_t *buckets, int nbuckets, int64_t *hist) {
-    uint32_t bits[BLK];
-    for (int64_t i0 = start; i0 < end; i0 += BLK) {
-        int m = (int)(end - i0 < BLK ? end - i0 : BLK);
-        abs_delta_bits(base, base_code, expert, code, i0, m, bits);
+        abs_delta_bits(a->base, a->base_dtype, a->expert, a->expert_dtype, i0, m, bits);
+        if (num_prefixes == 0) {
+            for (int j = 0; j < m; j++) hist[(bits[j] >> shift) & digit_mask]++;
+            continue;
+        }
         for (int j = 0; j < m; j++) {
-            int64_t high = bits[j] >> 16;
-            for (int k = 0; k < nbuckets; k++)
-                if (high == buckets[k]) hist[(int64_t)k * 65536 + (bits[j] & 0xFFFF)]++;
+            int64_t prefix = above >= 32 ? 0 : (int64_t)(bits[j] >> above);
+            for (int k = 0; k < num_prefixes; k++)
+                if (prefix == prefixes[k]) hist[k * bins + ((bits[j] >> shift) & digit_mask)]++;
         }
     }
 }
 
+/* How many elements of [start, end) have key = the bits of tau (a threshold's ties). */
+int64_t wb_count_equal(int64_t start, int64_t end, const void *base, int32_t base_dtype, const void *expert,
+                       int32_t expert_dtype, float tau) {
+    uint32_t bits[BLK], target;
+    int64_t count = 0;
+    memcpy(&target, &tau, 4);
+    for (int64_t i0 = start; i0 < end; i0 += BLK) {
+        int m = (int)(end - i0 < BLK ? end - i0 : BLK);
+        abs_delta_bits(base, base_dtype, expert, expert_dtype, i0, m, bits);
+        int64_t c = 0;
+        for (int j = 0; j < m; j++) c += bits[j] == target;
+        count += c;
+    }
+    return count;
+}
+
 /* How many elements are NaN or ±Inf (the engine's input check). */
-int64_t wb_nonfinite(int64_t start, int64_t end, const void *p, int code) {
+int64_t wb_nonfinite(int64_t start, int64_t end, const void *p, int32_t dtype) {
     float v[BLK];
     int64_t bad = 0;
     for (int64_t i0 = start; i0 < end; i0 += BLK) {
         int m = (int)(end - i0 < BLK ? end - i0 : BLK);
-        load_block(p, code, i0, m, v);
-        int64_t b = 0;
-        for (int j = 0; j < m; j++) b += !(fabsf(v[j]) <= FLT_MAX_);
-        bad += b;
+        load_block(p, dtype, i0, m, v);
+        int64_t c = 0;
+        for (int j = 0; j < m; j++) c += !(fabsf(v[j]) <= FLT_MAX_);
+        bad += c;
     }
     return bad;
 }

@@ -1,4 +1,4 @@
-"""DARE: drop and rescale the delta before merging (DESIGN §4.7; Yu et al., 2024, "Language Models are
+"""DARE: drop and rescale the delta before merging (docs/design.md §4.7; Yu et al., 2024, "Language Models are
 Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch").
 
 In place: θ_t ← θ_b + m ⊙ δ·(1/(1 − p)), δ = θ_t − θ_b in fp32, m_i ~ Bernoulli(1 − p).
@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import chunks
+from . import chunks, cpu_native
 from .dispatch import LAUNCH_OPTIONS, flat_contiguous, fp32_scalar, jit, kernel_backend, triton_kernels
 from .rounding import store_rounded
+from .ties import merge_counts, prepare_merge, range_quotas, ties_merge
+from .topk_threshold import TopK
 
 if TYPE_CHECKING:
     import triton.language as tl
@@ -130,7 +132,7 @@ def dare_(expert: torch.Tensor, base: torch.Tensor, p: float, seed: int) -> torc
         raise ValueError(f"dare_: expert shape {tuple(expert.shape)} != base shape {tuple(base.shape)}")
     if p == 0.0 or expert.numel() == 0:
         return expert
-    backend = kernel_backend(expert)
+    backend = kernel_backend(base, expert)
     if backend == "reference":
         return dare_reference(expert, base, p, seed)
     scale = fp32_scalar(1.0 / (1.0 - p))
@@ -142,8 +144,9 @@ def dare_(expert: torch.Tensor, base: torch.Tensor, p: float, seed: int) -> torc
     return expert
 
 
-# Keep every element the drop left non-zero: τ = the smallest positive float, so |δ| ≥ τ ⇔ δ ≠ 0.
-KEEP_NONZERO = 1.4e-45
+# Keep every element the drop left non-zero: τ = the smallest positive float, so |δ| ≥ τ ⇔ δ ≠ 0. DARE's
+# drop is the trim here (mergekit's dare_ties likewise trims no further).
+KEEP_NONZERO = TopK(tau=1.4e-45)
 
 
 def dare_ties_merge(base: torch.Tensor, experts, drop_rates, seeds, *, weights=None, lam: float = 1.0,
@@ -151,27 +154,25 @@ def dare_ties_merge(base: torch.Tensor, experts, drop_rates, seeds, *, weights=N
     """DARE-TIES: `dare_` on each expert (drop rate p_t, seed s_t), then `ties_merge` keeping every δ the
     drop left non-zero; returns (out, MergeCounts).
 
-    On CPU with the C kernels it is one pass that drops on the fly and never writes into the experts;
-    elsewhere (and for tensors the C kernels do not take) `dare_` runs in place on the experts first.
-    Both give the same bits.
+    On the C kernels it is one pass that drops on the fly and never writes into the experts; elsewhere
+    (and for tensors the C kernels do not take) `dare_` runs in place on the experts first. Both give the
+    same bits.
     """
-    from . import cpu_native
-    from .ties import _merge_counts, _prepare, ties_merge
-
     experts, drop_rates, seeds = list(experts), [float(p) for p in drop_rates], list(seeds)
     if not len(experts) == len(drop_rates) == len(seeds):
         raise ValueError(f"dare_ties_merge: {len(experts)} experts, {len(drop_rates)} drop rates, {len(seeds)} seeds")
     for t, p in enumerate(drop_rates):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dare_ties_merge: expert {t}: drop rate p={p} is outside [0, 1)")
-    taus = [KEEP_NONZERO] * len(experts)
-    if experts and kernel_backend(experts[0]) == "cpu":
-        prepared, params, target = _prepare(base, experts, weights, taus, None, lam, "ties", normalize, consensus,
-                                            out)
+    keep = [KEEP_NONZERO] * len(experts)
+    native = len(experts) <= cpu_native.max_experts()
+    if experts and kernel_backend(base, *experts, out, native=native) == "c":
+        prepared, params, target = prepare_merge(base, experts, weights, keep, None, lam, "ties", normalize, consensus,
+                                                 out)
         dare = [(*seed_keys(s), drop_threshold(p), fp32_scalar(1.0 / (1.0 - p))) for p, s in zip(drop_rates, seeds)]
-        counts = cpu_native.ties(base, prepared, params, target, dare=dare)
+        counts = cpu_native.merge(base, prepared, params, target, range_quotas(params, base, prepared), dare=dare)
         if counts is not None:
-            return target, _merge_counts(prepared[0].numel(), counts)
+            return target, merge_counts(prepared[0].numel(), counts, "c")
     dropped = [dare_(e, base, p, s) for e, p, s in zip(experts, drop_rates, seeds)]
-    return ties_merge(base, dropped, weights=weights, tau_hi=taus, tau_lo=taus, lam=lam, method="ties",
-                      normalize=normalize, consensus=consensus, out=out)
+    return ties_merge(base, dropped, weights=weights, keep=keep, lam=lam, method="ties", normalize=normalize,
+                      consensus=consensus, out=out)

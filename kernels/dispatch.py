@@ -1,12 +1,15 @@
-"""Which implementation runs: Triton, the fast CPU path, or the plain references.
+"""Which implementation runs: Triton, the C kernels, the chunked PyTorch pieces, or the plain references.
 
-- CUDA tensors run the Triton kernels (when Triton is installed; otherwise the vectorized PyTorch path,
-  which is device-agnostic).
-- CPU tensors run the fast CPU path: chunked, vectorized PyTorch.
-- ``TRITON_INTERPRET=1`` or ``WORKBENCH_KERNELS=triton`` forces the Triton path on CPU tensors (Triton's
-  interpreter; this is how the kernels are tested without a GPU).
-- ``WORKBENCH_KERNELS=reference`` forces the plain references; ``WORKBENCH_KERNELS=cpu`` forces the
-  vectorized PyTorch path on any device.
+`kernel_backend` is the one decision every kernel module asks, and its answer is what the merge report
+names:
+- "triton": CUDA tensors when Triton is installed; ``TRITON_INTERPRET=1`` or ``WORKBENCH_KERNELS=triton``
+  forces it on CPU tensors (Triton's interpreter: how the kernels are tested without a GPU).
+- "c": CPU tensors the C kernels take (kernels/cpu_native.c: fp32 or bf16, contiguous), for operations
+  that have one, unless ``WORKBENCH_NATIVE=0`` or the library cannot be built.
+- "torch": the chunked, vectorized PyTorch pieces: every other CPU case, and CUDA without Triton
+  (the pieces are device-agnostic).
+- "reference": ``WORKBENCH_KERNELS=reference`` forces the plain references (the readable formulas).
+``WORKBENCH_KERNELS=cpu`` forces the CPU path ("c" where it applies, else "torch") on any device.
 
 Triton is imported lazily, on the first Triton launch, so ``import workbench.kernels`` is fast and works
 where Triton is absent. Kernels are written as plain module-level functions marked with :func:`jit`;
@@ -25,9 +28,14 @@ from typing import Any, Callable
 
 import torch
 
-BACKENDS = ("triton", "cpu", "reference")
+from . import cpu_native
+
+BACKENDS = ("triton", "c", "torch", "reference")
 _MODES = ("auto", "triton", "cpu", "reference")
 _TRUE = ("1", "true", "on", "yes")
+# The largest finite fp32 (FLT_MAX): |x| <= FLT_MAX is false exactly for NaN and ±Inf. The C kernels
+# define it once in cpu_native.c; the Triton kernels take it from here.
+FLT_MAX = 3.4028234663852886e38
 
 
 class KernelBackendError(RuntimeError):
@@ -54,16 +62,34 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernel_backend(tensor: torch.Tensor | None = None) -> str:
-    """The backend that runs for `tensor`: "triton", "cpu" (vectorized PyTorch) or "reference"."""
+def kernel_backend(*tensors: torch.Tensor | None, native: bool = False, triton: bool = True) -> str:
+    """The implementation that runs for an operation on `tensors` (None entries are skipped): "triton",
+    "c", "torch" or "reference". native: whether the operation has a C kernel for these arguments;
+    triton: whether its Triton kernel takes them (where it does not, the PyTorch pieces run)."""
     mode = _mode()
-    if mode in ("reference", "cpu"):
-        return mode
-    if mode == "triton" or _interpret_requested():
+    if mode == "reference":
+        return "reference"
+    if triton and (mode == "triton" or (mode == "auto" and _interpret_requested())):
         return "triton"
-    if tensor is not None and tensor.is_cuda and triton_available():
+    first = next((t for t in tensors if t is not None), None)
+    if triton and mode == "auto" and first is not None and first.is_cuda and triton_available():
         return "triton"
-    return "cpu"
+    if native and cpu_native.takes(*tensors):
+        return "c"
+    return "torch"
+
+
+def describe(backend: str) -> str:
+    """The backend in words, for reports: what ran, and for the PyTorch pieces on CPU why not C."""
+    if backend == "triton":
+        interpreted = "triton" in sys.modules and _interpreter_loaded(sys.modules["triton"])
+        return "Triton (interpreter)" if interpreted else "Triton"
+    if backend == "c":
+        return "C kernels (kernels/cpu_native.c)"
+    if backend == "reference":
+        return "plain PyTorch references (WORKBENCH_KERNELS=reference)"
+    reason = cpu_native.why()
+    return reason if reason.startswith("chunked PyTorch") else "chunked PyTorch kernels"
 
 
 def _interpreter_loaded(triton) -> bool:
@@ -125,10 +151,22 @@ def triton_kernels(module_globals: dict[str, Any], device: torch.device | str = 
         scope = dict(module_globals)
         scope["tl"] = triton.language
         scope["triton"] = triton
+        # Module constants (upper-case int/float names, e.g. FLT_MAX) become tl.constexpr: the only globals
+        # a compiled kernel may read.
+        for name, value in module_globals.items():
+            if name.isupper() and isinstance(value, (int, float)) and not isinstance(value, bool):
+                scope[name] = triton.language.constexpr(value)
         names = [n for n, v in module_globals.items() if getattr(v, "__workbench_triton__", False)]
         for name in names:
             fn = module_globals[name]
             clone = types.FunctionType(fn.__code__, scope, name, fn.__defaults__, fn.__closure__)
+            # FunctionType copies neither the annotations nor the keyword defaults: Triton reads
+            # `tl.constexpr` from the annotations, so without them every constexpr becomes a runtime
+            # argument and compiled kernels fail ("arange's arguments must be of type tl.constexpr").
+            # The interpreter ignores annotations: tests/kernels/test_dispatch.py checks the jitted objects.
+            clone.__annotations__ = dict(fn.__annotations__)
+            clone.__kwdefaults__ = fn.__kwdefaults__
+            clone.__qualname__, clone.__doc__ = fn.__qualname__, fn.__doc__
             clone.__module__ = fn.__module__
             scope[name] = triton.jit(clone)     # reads the interpret knob set by load_triton
         _COMPILED[key] = types.SimpleNamespace(**{n: scope[n] for n in names})

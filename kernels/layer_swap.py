@@ -1,4 +1,4 @@
-"""In-place weighted lerp for layer swapping (DESIGN §4.6; Bandarkar et al., 2024, "Layer Swapping for
+"""In-place weighted lerp for layer swapping (docs/design.md §4.6; Bandarkar et al., 2024, "Layer Swapping for
 Zero-Shot Cross-Lingual Transfer in Large Language Models").
 
 buf ← (1 − α)·buf + α·other, computed in fp32 as c0·buf + c1·other with c0 = fp32(1 − α) and c1 = fp32(α)

@@ -1,5 +1,5 @@
 """The evaluation stage: every model on every task, one table (Markdown, JSON), a bar chart, and every
-prompt, output, extracted and gold answer as JSONL (DESIGN.md §8).
+prompt, output, extracted and gold answer as JSONL (docs/design.md §8).
 
 Tasks are data: `TaskSet` (MGSM-format problems with the prompt format and digits they are asked in) and
 `PerplexitySet` (held-out documents). `tasks_from_config` builds them from a profile's `eval` section:

@@ -1,5 +1,5 @@
 """Generated word problems: English ones train the task expert, held-out ones in the target language (and
-English) evaluate it (DESIGN.md §9).
+English) evaluate it (docs/design.md §9).
 
 A problem is one or two operations (+, -, ×, ÷ with exact results) on small numbers, rendered from the
 language's templates (`problem_templates.py`) with a worked answer that ends in the result, as MGSM's

@@ -1,4 +1,4 @@
-"""Delta magnitudes per layer and module kind (DESIGN.md §4.1): the heatmap Layer Swapping reads.
+"""Delta magnitudes per layer and module kind (docs/design.md §4.1): the heatmap Layer Swapping reads.
 
 One fused pass over base and expert per tensor (the `delta_stats` kernel, batched so that small tensors
 share a launch); δ never exists for a whole tensor. The relative change of a group of tensors is
@@ -112,7 +112,7 @@ def analyze_models(base_dir, experts: dict, *, progress=None) -> dict:
 
 
 def extended_label(readers: dict):
-    """The one model whose vocabulary is larger than the others' (DESIGN.md §4.6a), or None."""
+    """The one model whose vocabulary is larger than the others' (docs/design.md §4.6a), or None."""
     sizes = {label: r.config.get("vocab_size") for label, r in readers.items()}
     known = [v for v in sizes.values() if v is not None]
     if not known or len(set(known)) == 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from workbench.evaluation.table import markdown_table, wilson_interval
+from workbench.merge.card import describe_entered
 
 
 def _load(path):
@@ -145,10 +146,7 @@ def render_markdown(body: dict, table: dict) -> str:
             swap = merge["layer_swap"]
             out.append(f"- Layers: {swap['description']}")
         for e in merge["experts"]:
-            out.append(f"- {e['model']}: density {e['density']:g}, slack {e['slack']:g}: kept "
-                       f"{e['kept']:,} elements; {e['survived']:,} ({e['survival_without_slack']:.1%}) survived the "
-                       f"sign election, {e['slack_admitted']:,} slack elements admitted "
-                       f"({e['entered_with_slack']:.1%} of the top-k count entered with slack)")
+            out.append(f"- {e['model']}: {describe_entered(e)}")
         out += [f"- Note: {n}" for n in merge["notes"]] + [""]
     out += export_section(body.get("export"))
     if body["fertility"]:

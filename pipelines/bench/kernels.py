@@ -18,20 +18,21 @@ import time
 
 import torch
 
+from workbench.kernels import cpu_native
 from workbench.kernels.delta_stats import delta_stats
 from workbench.kernels.dispatch import kernel_backend
 from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.ties import ties_merge
-from workbench.kernels.topk_threshold import keep_count, topk_thresholds
+from workbench.kernels.radix_passes import CPU_DIGITS, TRITON_DIGITS
+from workbench.kernels.topk_threshold import keep_count, topk_select, topk_thresholds
 from workbench.kernels.delta_stats import delta_stats_reference
 from workbench.kernels.layer_swap import lerp_reference
 from workbench.kernels.ties import ties_merge_reference
-from workbench.kernels.topk_threshold import topk_thresholds_reference
+from workbench.kernels.topk_threshold import topk_select_reference, topk_thresholds_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FRACTIONS = (0.2, 0.3)          # density k and k + s: the two thresholds of TIES-SV (k = 0.2, s = 0.1)
+FRACTIONS = (0.2, 0.1)          # density k and slack s: the two selections of TIES-SV
 EXPERT_STDS = (0.01, 0.02)      # δ of the two experts
-THRESHOLD_PASSES = 2            # radix select: a high-half and a low-half histogram pass over base + expert
 LERP_ALPHA = 0.5
 
 
@@ -44,10 +45,15 @@ def benchmark_inputs(n: int, dtype=torch.bfloat16, device="cpu", seed: int = 0):
     return base.to(device), experts
 
 
-def ties_sv_merge(base, experts, out, thresholds=topk_thresholds, merge=ties_merge):
-    """A whole TIES-SV merge of one tensor (k = 0.2, s = 0.1): each expert's two thresholds, then the merge."""
-    taus = [thresholds(base, e, FRACTIONS) for e in experts]
-    return merge(base, experts, tau_hi=[t[0] for t in taus], tau_lo=[t[1] for t in taus], out=out)
+def ties_sv_merge(base, experts, out, select=topk_select, merge=ties_merge):
+    """A whole TIES-SV merge of one tensor (k = 0.2, s = 0.1): each expert's two selections, then the merge."""
+    sels = [select(base, e, FRACTIONS) for e in experts]
+    return merge(base, experts, keep=[s[0] for s in sels], protect=[s[1] for s in sels], out=out)
+
+
+def threshold_passes(base) -> int:
+    """Radix passes over base + expert the fused selection makes on this tensor's backend."""
+    return len(TRITON_DIGITS if kernel_backend(base, native=True) == "triton" else CPU_DIGITS)
 
 
 def _cases(base, experts, absdelta):
@@ -57,10 +63,10 @@ def _cases(base, experts, absdelta):
     ranks = [keep_count(f, n) for f in FRACTIONS]
     picks = [k - 1 for k in ranks]
     out, buf = torch.empty_like(base), base.clone()
-    taus = [topk_thresholds(base, e, FRACTIONS) for e in experts]  # given to the merge-only case
-    hi, lo = [t[0] for t in taus], [t[1] for t in taus]
+    sels = [topk_select(base, e, FRACTIONS) for e in experts]    # given to the merge-only case
+    keep, protect = [s[0] for s in sels], [s[1] for s in sels]
     stats_bytes = 2 * n * size                                    # reads base and expert
-    threshold_bytes = THRESHOLD_PASSES * 2 * n * size             # each pass reads base and expert
+    threshold_bytes = threshold_passes(base) * 2 * n * size       # each pass reads base and expert
     merge_bytes = (len(experts) + 2) * n * size                   # reads base and T experts, writes one
     return [
         ("delta_stats", "fused", lambda: delta_stats([(base, e1)]), stats_bytes),
@@ -72,17 +78,22 @@ def _cases(base, experts, absdelta):
         ("thresholds", "topk", lambda: torch.topk(absdelta, max(ranks)).values[picks].tolist(), threshold_bytes),
         ("thresholds", "argsort", lambda: absdelta[torch.argsort(absdelta, descending=True)[picks]].tolist(),
          threshold_bytes),
-        ("ties_merge", "fused", lambda: ties_merge(base, experts, tau_hi=hi, tau_lo=lo, out=out), merge_bytes),
-        ("ties_merge", "reference", lambda: ties_merge_reference(base, experts, tau_hi=hi, tau_lo=lo, out=out),
-         merge_bytes),
+        ("ties_merge", "fused", lambda: ties_merge(base, experts, keep=keep, protect=protect, out=out), merge_bytes),
+        ("ties_merge", "reference",
+         lambda: ties_merge_reference(base, experts, keep=keep, protect=protect, out=out), merge_bytes),
         ("ties_sv_merge", "fused", lambda: ties_sv_merge(base, experts, out),
          len(experts) * threshold_bytes + merge_bytes),
         ("ties_sv_merge", "reference",
-         lambda: ties_sv_merge(base, experts, out, topk_thresholds_reference, ties_merge_reference),
+         lambda: ties_sv_merge(base, experts, out, topk_select_reference, ties_merge_reference),
          len(experts) * threshold_bytes + merge_bytes),
         ("lerp_", "fused", lambda: lerp_(buf, e1, LERP_ALPHA), 3 * n * size),          # reads 2, writes 1
         ("lerp_", "reference", lambda: lerp_reference(buf, e1, LERP_ALPHA), 3 * n * size),
     ]
+
+
+def _backend(kernel: str, base) -> str:
+    """What the fused implementation of `kernel` runs on (the ones with a C kernel, and the others)."""
+    return kernel_backend(base, native=kernel in ("thresholds", "ties_merge", "ties_sv_merge"))
 
 
 def _timed(fn, cuda: bool, repeats: int, warmup: int):
@@ -130,7 +141,7 @@ def _size_entries(n, dtype, device, repeats, warmup, progress) -> tuple[list, di
     for kernel, impl, fn, nbytes in _cases(base, experts, absdelta):
         seconds, result = _timed(fn, cuda, repeats, warmup)
         entry = {"n": n, "kernel": kernel, "implementation": impl,
-                 "backend": kernel_backend(base) if impl == "fused" else "torch", **_summary(seconds, nbytes)}
+                 "backend": _backend(kernel, base) if impl == "fused" else "torch", **_summary(seconds, nbytes)}
         fused.setdefault(kernel, entry["median_s"])
         entry["vs_fused"] = entry["median_s"] / fused[kernel] if fused[kernel] > 0 else float("nan")
         if copy is not None:
@@ -157,8 +168,6 @@ def _environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
-        from workbench.kernels import cpu_native
-
         env["device_name"] = _cpu_name()
         env["cpu_kernels"] = cpu_native.why()
     return env

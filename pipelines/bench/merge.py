@@ -5,6 +5,7 @@ Both tools read the same bf16 safetensors from a warm page cache and write bf16 
 `workbench bench merge` calls `run_merge_benchmark`.
 """
 import json
+import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.pipelines.bench.compare import compare_merges, format_comparison, targets_met
 from workbench.pipelines.bench.processes import run_measured, warm_page_cache
 from workbench.checkpoint import ShardedWriter
 from workbench.errors import ConfigError
@@ -127,11 +129,22 @@ def mergekit_command(given: str | None = None):
     return exe
 
 
-def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, progress=print) -> dict:
+# Cases whose outputs the two tools define alike, with the densities their trims use: TIES-SV has no
+# mergekit counterpart, DARE-TIES drops at random (different generators), mergekit's layer swap has no
+# transition zone.
+COMPARABLE = ("ties", "task_arithmetic")
+
+
+def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, compare=False, device="cpu",
+                        progress=print) -> dict:
     """Run every case with both tools; returns {case: {tool: {seconds, peak_rss_gb}, ratios}}.
 
     mergekit: True finds `mergekit-yaml` (skipped when absent), False times workbench only, a path runs
-    that executable (e.g. one installed in another virtual environment).
+    that executable (e.g. one installed in another virtual environment). compare: also compare the two
+    outputs of the COMPARABLE cases element by element (`compare.compare_merges`), after every case has
+    been timed: a child's peak RSS on Linux includes what this process held when it forked the child.
+    device: "cuda" also runs each workbench merge on the GPU and compares its output files with the CPU's,
+    byte for byte (`workbench_cuda`, `same_bytes_as_cpu`).
     """
     import yaml
 
@@ -140,41 +153,79 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, pr
     work.mkdir(parents=True, exist_ok=True)
     models = ensure_models(work / "models", size)
     files = [f for m in models.values() for f in m.glob("*.safetensors")]
-    results = {"size": size, "parameters": sum(_numel(s) for _, s in llama_tensors(**SIZES[size])),
+    results = {"size": size, "parameters": sum(math.prod(s) for _, s in llama_tensors(**SIZES[size])),
                "mergekit": mk is not None, "mergekit_command": mk, "mergekit_requested": bool(mergekit),
-               "cases": {}}
+               "compare": bool(compare), "cases": {}}
+    kept = []   # (case, our output, mergekit's output) to compare at the end
     for case in cases(models, SIZES[size]["layers"]):
         if only and case.name not in only:
             continue
         row = {}
         recipe = work / f"{case.name}.workbench.yaml"
         recipe.write_text(yaml.safe_dump(case.workbench), encoding="utf-8")
-        out = work / f"out-{case.name}-workbench"
-        shutil.rmtree(out, ignore_errors=True)
+        ours = work / f"out-{case.name}-workbench"
+        shutil.rmtree(ours, ignore_errors=True)
         warm_page_cache(files)
-        run = run_measured([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out),
+        run = run_measured([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(ours),
                             "--device", "cpu"])
         if run.returncode != 0:
             raise RuntimeError(f"workbench merge failed for {case.name}:\n{run.output[-2000:]}")
         row["workbench"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
-        shutil.rmtree(out, ignore_errors=True)
+        if device == "cuda":
+            row.update(_cuda_run(recipe, ours, work, files))
+        theirs = None
         if mk is not None and case.mergekit is not None:
             config = work / f"{case.name}.mergekit.yaml"
             config.write_text(yaml.safe_dump(case.mergekit), encoding="utf-8")
-            out = work / f"out-{case.name}-mergekit"
-            shutil.rmtree(out, ignore_errors=True)
+            theirs = work / f"out-{case.name}-mergekit"
+            shutil.rmtree(theirs, ignore_errors=True)
             warm_page_cache(files)
-            run = run_measured([mk, str(config), str(out), "--allow-crimes", "--lazy-unpickle"])
+            run = run_measured([mk, str(config), str(theirs), "--allow-crimes", "--lazy-unpickle"])
             if run.returncode != 0:
                 row["mergekit"] = {"error": run.output[-1500:]}
+                theirs = None
             else:
                 row["mergekit"] = {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)}
                 row["time_ratio"] = round(row["workbench"]["seconds"] / row["mergekit"]["seconds"], 3)
                 row["rss_ratio"] = round(row["workbench"]["peak_rss_gb"] / row["mergekit"]["peak_rss_gb"], 3)
-            shutil.rmtree(out, ignore_errors=True)
+        if compare and case.name in COMPARABLE and theirs is not None:
+            kept.append((case, ours, theirs))
+        else:
+            shutil.rmtree(ours, ignore_errors=True)
+            if theirs is not None:
+                shutil.rmtree(theirs, ignore_errors=True)
         results["cases"][case.name] = row
         progress(f"{case.name}: {json.dumps(row)}")
+    for case, ours, theirs in kept:
+        densities = [m.get("density", 1.0) for m in case.workbench["models"]]
+        comparison = compare_merges(ours, theirs, models["base"], [models["expert_a"], models["expert_b"]], densities)
+        results["cases"][case.name]["comparison"] = comparison
+        progress(format_comparison(case.name, comparison))
+        shutil.rmtree(ours, ignore_errors=True)
+        shutil.rmtree(theirs, ignore_errors=True)
     return results
+
+
+def output_digests(out_dir: Path) -> dict:
+    """{file name: sha256} of a merged model's weight files."""
+    from workbench.provenance import file_sha256
+
+    return {p.name: file_sha256(p) for p in sorted(Path(out_dir).glob("*.safetensors"))}
+
+
+def _cuda_run(recipe: Path, cpu_out: Path, work: Path, files) -> dict:
+    """The same recipe merged on CUDA: its time and peak RSS, and whether its weight files equal the CPU's."""
+    out = work / f"{cpu_out.name}-cuda"
+    shutil.rmtree(out, ignore_errors=True)
+    warm_page_cache(files)
+    run = run_measured([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out),
+                        "--device", "cuda"])
+    if run.returncode != 0:
+        return {"workbench_cuda": {"error": run.output[-1500:]}, "same_bytes_as_cpu": False}
+    same = output_digests(out) == output_digests(cpu_out)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"workbench_cuda": {"seconds": round(run.seconds, 2), "peak_rss_gb": round(run.peak_rss_gb, 3)},
+            "same_bytes_as_cpu": same}
 
 
 def format_table(results: dict) -> str:
@@ -190,11 +241,21 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<16} {wb['seconds']:>11.2f} {wb['peak_rss_gb']:>7.2f} "
                      f"{mk.get('seconds', float('nan')):>10.2f} {mk.get('peak_rss_gb', float('nan')):>7.2f} "
                      f"{row.get('time_ratio', float('nan')):>7.2f} {row.get('rss_ratio', float('nan')):>6.2f}")
+    on_cuda = [(name, row) for name, row in results["cases"].items() if "workbench_cuda" in row]
+    if on_cuda:
+        lines.append(f"{'case':<16} {'CPU s':>7} {'CUDA s':>7}  CUDA output")
+        for name, row in on_cuda:
+            cuda = row["workbench_cuda"]
+            verdict = "FAILED" if "error" in cuda else ("same bytes as CPU" if row["same_bytes_as_cpu"]
+                                                        else "DIFFERS from CPU")
+            lines.append(f"{name:<16} {row['workbench']['seconds']:>7.2f} {cuda.get('seconds', float('nan')):>7.2f}"
+                         f"  {verdict}")
+    compared = [(name, row["comparison"]) for name, row in results["cases"].items() if "comparison" in row]
+    if compared:
+        lines.append("output against mergekit's (issue 17's targets: < 1e-4 differ outside the tied band, here both "
+                     "kinds of tie; per tensor the changed shares within 0.5 percentage points):")
+        lines += [f"  {format_comparison(name, c)}: {'met' if targets_met(c) else 'NOT met'}" for name, c in compared]
+    elif results.get("compare"):
+        lines.append(f"no output comparison: it needs mergekit and one of the cases {', '.join(COMPARABLE)}")
     return "\n".join(lines)
 
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -18,7 +18,7 @@ from workbench.pipelines.bench.kernels import FRACTIONS, benchmark_inputs, ties_
 from workbench.kernels.delta_stats import delta_stats
 from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.ties import ties_merge
-from workbench.kernels.topk_threshold import keep_count, topk_thresholds
+from workbench.kernels.topk_threshold import keep_count, topk_select, topk_thresholds
 
 N = int(os.environ.get("WORKBENCH_BENCH_N", 50_000_000))
 
@@ -77,14 +77,14 @@ def test_ties_sv_merge_with_thresholds(benchmark):
     base, e1, e2, _ = tensors()
     out = torch.empty_like(base)
     _, counts = run(benchmark, lambda: ties_sv_merge(base, [e1, e2], out), rounds=3)
-    assert sum(counts.slack_admitted) > 0
+    assert sum(counts.protected) > 0
 
 
 def test_ties_sv_merge_only(benchmark):
     base, e1, e2, _ = tensors()
-    taus = [topk_thresholds(base, e, FRACTIONS) for e in (e1, e2)]
+    sels = [topk_select(base, e, FRACTIONS) for e in (e1, e2)]
     out = torch.empty_like(base)
-    run(benchmark, lambda: ties_merge(base, [e1, e2], tau_hi=[t[0] for t in taus], tau_lo=[t[1] for t in taus],
+    run(benchmark, lambda: ties_merge(base, [e1, e2], keep=[s[0] for s in sels], protect=[s[1] for s in sels],
                                       out=out), rounds=3)
 
 

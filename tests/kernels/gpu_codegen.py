@@ -1,67 +1,259 @@
-"""Compile every Triton kernel for an sm_90 GPU without a GPU (Triton's offline compiler, down to cubin).
+"""Compile every Triton kernel for an sm_90 GPU without a GPU, as a CUDA launch would call it.
 
-Run as a script in a process where TRITON_INTERPRET is unset (test_gpu_codegen.py does that): the
-interpreter tests check what the kernels compute, this checks that real Triton accepts them.
-Prints one line per compiled variant and exits non-zero on the first failure.
+What reaches the GPU must be the objects a launch calls (docs/design.md, "Kernels"): this script takes
+each kernel from `triton_kernels(module, "cuda")`, the same call the launchers make, never a list of its own.
+
+    python gpu_codegen.py --constexprs   every jitted object's constexpr parameters are the ones its source
+                                          annotates `tl.constexpr` (fast; no compiler)
+    python gpu_codegen.py                compile: (1) a child process with TRITON_INTERPRET=1 runs the public
+                                          kernel API on small CPU tensors in every dtype and records each
+                                          launch's arguments; (2) here, without the interpreter, each recorded
+                                          launch is compiled to cubin for sm_90 through the jitted object's own
+                                          parameters: constexpr where the object says so, otherwise typed from
+                                          the recorded argument (as Triton's launcher would type it)
+
+Kernels are found by scanning the kernel modules for functions marked with `dispatch.jit`; every one whose
+name ends in `_kernel` must have been launched by the capture. Prints one line per check or compiled
+variant; exits non-zero on the first failure.
 """
+import ast
+import importlib
+import inspect
+import json
 import os
+import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
-assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-import importlib  # noqa: E402
-
-# Modules by import_module: the package re-exports functions under some of the same names.
-dare, delta_stats, layer_swap, masks, ties, topk_threshold = (
-    importlib.import_module(f"workbench.kernels.{m}")
-    for m in ("dare", "delta_stats", "layer_swap", "masks", "ties", "topk_threshold"))
-from workbench.kernels.dispatch import LAUNCH_OPTIONS, triton_kernels  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
+CAPTURE_FLAG = "--capture"
 
 
-def variants():
-    for dt in ("bf16", "fp16", "fp32"):
-        yield delta_stats, "_delta_stats_kernel", {
-            "base_ptr": f"*{dt}", "expert_ptr": f"*{dt}", "tile_start_ptr": "*i64", "tile_end_ptr": "*i64",
-            "sums_ptr": "*fp32", "bad_ptr": "*i32"}, {"BLOCK": delta_stats.BLOCK}
-        yield topk_threshold, "_high_histogram_kernel", {
-            "base_ptr": f"*{dt}", "expert_ptr": f"*{dt}", "hist_ptr": "*i64", "n": "i64"}, {"BLOCK": 1024}
-        yield topk_threshold, "_low_histogram_kernel", {
-            "base_ptr": f"*{dt}", "expert_ptr": f"*{dt}", "buckets_ptr": "*i32", "hist_ptr": "*i64",
-            "n": "i64"}, {"NUM_BUCKETS": 2, "BLOCK": 1024}
-        yield layer_swap, "_lerp_kernel", {"buf_ptr": f"*{dt}", "other_ptr": f"*{dt}", "n": "i64",
-                                           "c0": "fp32", "c1": "fp32"}, {"BLOCK": 1024}
-        yield masks, "_masks_kernel", {"base_ptr": f"*{dt}", "expert_ptr": f"*{dt}", "keep_ptr": "*u8",
-                                       "slack_ptr": "*u8", "n": "i64", "nbytes": "i64", "tau_hi": "fp32",
-                                       "tau_lo": "fp32"}, {"BLOCK": masks.BLOCK}
-        yield dare, "_dare_kernel", {"expert_ptr": f"*{dt}", "base_ptr": f"*{dt}", "keys_ptr": "*i64",
-                                     "n": "i64", "threshold": "i32", "scale": "fp32"}, {"BLOCK": 1024}
-        for method, slack, count, normalize in ((0, 1, 0, 1), (0, 0, 1, 0), (1, 0, 0, 1), (2, 0, 0, 1)):
-            yield ties, "_ties_kernel", {
-                "base_ptr": f"*{dt}", "experts": (f"*{dt}",) * 3, "params_ptr": "*fp32", "out_ptr": f"*{dt}",
-                "counts_ptr": "*i32", "n": "i64", "lam": "fp32"}, {
-                "T": 3, "METHOD": method, "COUNT_CONSENSUS": count, "NORMALIZE": normalize,
-                "HAS_SLACK": slack, "HAS_BASE": int(method != 2), "BLOCK": ties.BLOCK}
+# ------------------------------------------------------------------------------------------- scanning
+
+def kernel_modules() -> list:
+    """Every module of the kernels folder, imported (the folder is scanned: no list of names)."""
+    import workbench.kernels
+
+    folder = Path(list(workbench.kernels.__path__)[0])
+    return [importlib.import_module(f"workbench.kernels.{p.stem}") for p in sorted(folder.glob("*.py"))]
 
 
-def main():
-    for module, name, signature, constexprs in variants():
-        kernel = getattr(triton_kernels(vars(module), "cuda"), name)
-        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+def marked_functions(module) -> dict:
+    """{name: plain function} of the functions marked with `dispatch.jit` that `module` defines."""
+    return {name: fn for name, fn in vars(module).items()
+            if getattr(fn, "__workbench_triton__", False) and fn.__module__ == module.__name__}
+
+
+def declared_constexprs(fn) -> set:
+    """The parameters annotated `tl.constexpr` in the function's source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    args = tree.body[0].args
+    return {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs
+            if a.annotation is not None and ast.unparse(a.annotation) in ("tl.constexpr", "triton.language.constexpr")}
+
+
+def cuda_objects(module) -> dict:
+    """{name: the jitted object a CUDA launch calls} for the module's marked functions."""
+    from workbench.kernels.dispatch import triton_kernels
+
+    jitted = triton_kernels(vars(module), "cuda")
+    return {name: getattr(jitted, name) for name in marked_functions(module)}
+
+
+def check_constexprs() -> int:
+    checked = 0
+    for module in kernel_modules():
+        for name, obj in cuda_objects(module).items():
+            declared = declared_constexprs(marked_functions(module)[name])
+            seen = {p.name for p in obj.params if p.is_constexpr}
+            where = f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
+            if type(obj).__name__ != "JITFunction":
+                print(f"FAIL {where}: a CUDA launch would call a {type(obj).__name__}, not a JITFunction")
+                return 1
+            if seen != declared:
+                print(f"FAIL {where}: Triton sees constexpr {sorted(seen)}, the source declares {sorted(declared)}")
+                return 1
+            print(f"ok {where} constexpr {sorted(seen)}", flush=True)
+            checked += 1
+    print(f"checked {checked} jitted objects")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- capture
+
+def _describe(value):
+    """A JSON description of one launch argument: enough to type it and to give a constexpr its value."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, (tuple, list)):
+        return {"tuple": [_describe(v) for v in value]}
+    if isinstance(value, bool):
+        return {"bool": value}
+    if isinstance(value, int):
+        return {"int": value}
+    if isinstance(value, float):
+        return {"float": value}
+    if value is None:
+        return {"none": None}
+    raise TypeError(f"launch argument of type {type(value).__name__}")
+
+
+def capture(path: str) -> int:
+    """Run the public kernel API on small CPU tensors through Triton's interpreter; write each launch."""
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    original = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        launches.append({"module": fn.__module__, "name": fn.__name__, "args": [_describe(a) for a in args],
+                         "kwargs": {k: _describe(v) for k, v in kwargs.items()}})
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    os.environ["WORKBENCH_KERNELS"] = "triton"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        exercise(dtype)
+    Path(path).write_text(json.dumps(launches), encoding="utf-8")
+    return 0
+
+
+def exercise(dtype):
+    """Every public kernel entry point, in the variants that pick different constexprs."""
+    import torch
+
+    from workbench.kernels.dare import dare_
+    from workbench.kernels.delta_stats import delta_stats
+    from workbench.kernels.layer_swap import lerp_
+    from workbench.kernels.masks import topk_masks
+    from workbench.kernels.ties import ties_merge
+    from workbench.kernels.topk_threshold import topk_select, topk_select_multi
+
+    gen = torch.Generator().manual_seed(0)
+    steps = torch.tensor([0.0, 0.25, -0.25, 0.5, -0.5])        # deltas with ties: exact selections are partial
+    base = torch.randn(3000, generator=gen).to(dtype)
+    experts = [(base.float() + steps[torch.randint(5, (3000,), generator=gen)]).to(dtype) for _ in range(3)]
+    sels = [topk_select(base, e, [0.4, 0.2]) for e in experts]
+    keep, protect = [s[0] for s in sels], [s[1] for s in sels]
+    loose = [topk_select(base, e, [0.4], ties="keep_all")[0] for e in experts]
+    for kwargs in (dict(keep=keep, protect=protect), dict(keep=loose, consensus="count", normalize=False),
+                   dict(method="task_arithmetic"), dict(method="linear")):
+        ties_merge(None if kwargs.get("method") == "linear" else base, experts, **kwargs)
+    topk_select_multi(lambda: [(base, experts[0]), (base[:100], experts[1][:100])], [0.3])
+    topk_masks(base, experts[0], keep[0], protect[0])
+    dare_(experts[0].clone(), base, 0.3, seed=1)
+    lerp_(experts[1].clone(), experts[2], 0.25)
+    delta_stats([(base, experts[0]), (base[:10], experts[1][:10])])
+
+
+# -------------------------------------------------------------------------------------------- compile
+
+def _type(desc) -> str:
+    """Triton's signature type for a recorded runtime argument (as the launcher would specialize it)."""
+    if "tensor" in desc:
+        return "*" + {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64",
+                      "int32": "i32", "uint8": "u8", "int16": "i16"}[desc["tensor"]]
+    if "int" in desc:
+        return "i32" if -2**31 <= desc["int"] < 2**31 else "i64"
+    if "float" in desc:
+        return "fp32"
+    if "bool" in desc:
+        return "i1"
+    raise TypeError(f"cannot type {desc}")
+
+
+def _value(desc):
+    for key in ("int", "float", "bool", "none"):
+        if key in desc:
+            return desc[key]
+    raise TypeError(f"a constexpr cannot be {desc}")
+
+
+def compile_launch(launch, obj, target, base_options):
+    """Compile one recorded launch of `obj` (the CUDA-side jitted object) to cubin; returns the line to print."""
+    import triton
+    from triton.compiler import ASTSource
+
+    params = obj.params
+    values = dict(zip([p.name for p in params], launch["args"]))
+    options = dict(base_options)
+    for key, desc in launch["kwargs"].items():
+        if key in values or any(p.name == key for p in params):
+            values[key] = desc
+        else:
+            options[key] = _value(desc)            # a launch option, e.g. enable_fp_fusion
+    signature, constexprs = {}, {}
+    for p in params:
+        desc = values[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = _value(desc)
+        elif "tuple" in desc:
+            signature[p.name] = tuple(_type(d) for d in desc["tuple"])
+        else:
+            signature[p.name] = _type(desc)
+    triton.compile(ASTSource(fn=obj, signature=signature, constexprs=constexprs), target=target, options=options)
+    pointers = sorted({t for t in signature.values() if isinstance(t, str) and t.startswith("*")})
+    return f"{launch['name']} {','.join(pointers)} {constexprs}"
+
+
+def compile_all() -> int:
+    from triton.backends.compiler import GPUTarget
+
+    from workbench.kernels.dispatch import LAUNCH_OPTIONS
+
+    with_capture = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_codegen-{os.getpid()}.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, __file__, CAPTURE_FLAG, str(with_capture)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        print("FAIL capture:", run.stdout[-3000:], run.stderr[-3000:])
+        return 1
+    launches = json.loads(with_capture.read_text(encoding="utf-8"))
+    with_capture.unlink()
+    objects, kernels = {}, set()
+    for module in kernel_modules():
+        for name, obj in cuda_objects(module).items():
+            objects[(module.__name__, name)] = obj
+            if name.endswith("_kernel"):
+                kernels.add((module.__name__, name))
+    launched = {(launch["module"], launch["name"]) for launch in launches}
+    if kernels - launched:
+        print(f"FAIL the capture launched no {sorted(kernels - launched)}: add them to exercise()")
+        return 1
+    target = GPUTarget("cuda", 90, 32)
+    seen = set()
+    for launch in launches:
+        key = json.dumps(launch, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
         start = time.time()
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=TARGET, options=dict(LAUNCH_OPTIONS))
-        assert compiled.asm.get("cubin"), name
-        print(f"ok {module.__name__.split('.')[-1]}.{name} {signature.get('base_ptr', signature.get('buf_ptr'))} "
-              f"{constexprs} {time.time() - start:.2f}s", flush=True)
+        try:
+            line = compile_launch(launch, objects[(launch["module"], launch["name"])], target, LAUNCH_OPTIONS)
+        except Exception as exc:  # noqa: BLE001 (any compiler error is this script's finding)
+            print(f"FAIL {launch['name']}: {type(exc).__name__}: {str(exc)[-1500:]}")
+            return 1
+        print(f"ok {line} {time.time() - start:.2f}s", flush=True)
+    print(f"compiled {len(seen)} launches of {len(launched)} kernels")
+    return 0
+
+
+def main(argv) -> int:
+    if argv[:1] == [CAPTURE_FLAG]:
+        return capture(argv[1])
+    assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+    if argv[:1] == ["--constexprs"]:
+        return check_constexprs()
+    return compile_all()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -5,9 +5,9 @@ import torch
 
 from workbench.kernels import cpu_native
 from workbench.kernels.ties import ties_merge
-from workbench.kernels.topk_threshold import topk_thresholds
+from workbench.kernels.topk_threshold import topk_select
 from workbench.kernels.ties import ties_merge_reference
-from workbench.kernels.topk_threshold import topk_thresholds_reference
+from workbench.kernels.topk_threshold import topk_select_reference
 
 
 @pytest.fixture
@@ -34,13 +34,13 @@ def test_without_a_compiler_the_pytorch_pieces_run(fresh_build, monkeypatch, gen
     monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
     base = torch.randn(70001, generator=gen).bfloat16()
     experts = [(base.float() + torch.randn(70001, generator=gen) * 0.01).bfloat16() for _ in range(2)]
-    tau = [topk_thresholds(base, e, [0.3])[0] for e in experts]
-    got, counts = ties_merge(base, experts, tau_hi=tau)
+    keep = [topk_select(base, e, [0.3])[0] for e in experts]
+    got, counts = ties_merge(base, experts, keep=keep)
     assert cpu_native.library() is None and "could not be built" in cpu_native.why()
-    assert "no-such-cc" in cpu_native.why()
-    want, want_counts = ties_merge_reference(base, experts, tau_hi=tau)
+    assert "no-such-cc" in cpu_native.why() and counts.backend == "torch"
+    want, want_counts = ties_merge_reference(base, experts, keep=keep)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)) and counts == want_counts
-    assert tau == [topk_thresholds_reference(base, e, [0.3])[0] for e in experts]
+    assert keep == [topk_select_reference(base, e, [0.3])[0] for e in experts]
     monkeypatch.setenv("WORKBENCH_NATIVE", "0")
     assert cpu_native.why() == "chunked PyTorch kernels (WORKBENCH_NATIVE=0)"
 
@@ -99,9 +99,38 @@ def test_the_cache_is_workbenchs_cache(monkeypatch, tmp_path):
 
 
 def test_more_experts_than_the_c_kernels_take_run_on_the_pytorch_pieces(cpu_backend, gen):
-    T = (cpu_native.library().wb_max_experts() if cpu_native.library() is not None else 16) + 1
+    T = (cpu_native.max_experts() if cpu_native.library() is not None else 16) + 1
     base = torch.randn(4099, generator=gen).bfloat16()
     experts = [(base.float() + torch.randn(4099, generator=gen) * 0.01).bfloat16() for _ in range(T)]
     got, counts = ties_merge(base, experts, method="task_arithmetic")
     want, want_counts = ties_merge_reference(base, experts, method="task_arithmetic")
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)) and counts == want_counts
+    assert counts.backend == "torch"
+
+
+def test_the_c_enums_and_structs_mirror_pythons(monkeypatch):
+    # One definition per language, checked against each other: the enums by name and value, the structs
+    # by the sizes the library reports (a library whose layout differs is refused when it loads).
+    import re
+
+    from workbench.kernels.merge_codes import Count, Method
+
+    source = cpu_native.SOURCE.read_text()
+
+    def c_enum(name):
+        body = re.search(r"enum %s \{([^}]*)\}" % name, source).group(1)
+        return [part.strip() for part in re.sub(r"/\*.*?\*/", "", body, flags=re.S).split(",") if part.strip()]
+
+    assert c_enum("wb_method") == [f"WB_{m.name} = {m.value}" for m in Method]
+    assert c_enum("wb_count") == [f"WB_{c.name}" for c in Count] + ["WB_COUNTS"]
+    assert [int(c) for c in Count] == list(range(len(Count)))        # C numbers them from 0 in order
+    monkeypatch.setenv("WORKBENCH_KERNELS", "cpu")
+    lib = cpu_native.library()
+    if lib is None:
+        pytest.skip(cpu_native.why())
+    import ctypes
+
+    assert [lib.wb_abi(i) for i in range(1, 6)] == [ctypes.sizeof(cpu_native.Expert),
+                                                     ctypes.sizeof(cpu_native.MergeArgs),
+                                                     ctypes.sizeof(cpu_native.HistArgs), len(Count),
+                                                     int(Method.LINEAR)]

@@ -76,8 +76,7 @@ def test_dare_ties_merge_equals_dare_then_ties_references(backend, make, size, d
     dev = [base.to(backend)] + [e.to(backend).clone() for e in experts]  # (dare_ may drop in place)
     got, counts = dare_ties_merge(dev[0], dev[1:], drops, seeds, weights=weights, lam=0.9, consensus=consensus)
     dropped = [dare_reference(e.clone(), base, p, s) for e, p, s in zip(experts, drops, seeds)]
-    taus = [KEEP_NONZERO] * 3
-    want, want_counts = ties_merge_reference(base, dropped, weights=weights, tau_hi=taus, tau_lo=taus, lam=0.9,
+    want, want_counts = ties_merge_reference(base, dropped, weights=weights, keep=[KEEP_NONZERO] * 3, lam=0.9,
                                              consensus=consensus)
     bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
     assert torch.equal(got.cpu().contiguous().view(bits), want.contiguous().view(bits))

@@ -39,9 +39,11 @@ def test_kernels_table_and_json(tmp_path, capsys, default_dispatch):
     assert by["thresholds", "fused"]["bytes"] == 2 * 2 * 4099 * 2       # 2 passes over base + expert, bf16
     assert by["ties_merge", "fused"]["bytes"] == 4 * 4099 * 2           # reads base + 2 experts, writes 1
     fused = by["thresholds", "fused"]
-    assert fused["backend"] == "cpu" and fused["vs_fused"] == 1.0
+    from workbench.kernels import cpu_native
+
+    assert fused["backend"] == ("c" if cpu_native.library() is not None else "torch") and fused["vs_fused"] == 1.0
     assert fused["equals_kthvalue"] and fused["thresholds"] == by["thresholds", "kthvalue"]["thresholds"]
-    assert len(fused["thresholds"]) == 2 and fused["thresholds"][0] > fused["thresholds"][1] > 0
+    assert len(fused["thresholds"]) == 2 and 0 < fused["thresholds"][0] < fused["thresholds"][1]   # k, s < k
 
 
 def _one_line_error(capsys, argv, needle):
@@ -115,3 +117,79 @@ def test_pretrain_packed_vs_padded(tmp_path, capsys, tiny_llama_factory, shared_
 def test_pretrain_bad_values_are_one_line(capsys, tmp_path):
     _one_line_error(capsys, ["bench", "pretrain", "--model", str(tmp_path), "--steps", "0"],
                     "--steps 0: expected a positive integer")
+
+
+def test_compare_puts_tie_choices_in_the_tied_band(tmp_path):
+    # The exact trim against keep_all on the tiny benchmark model: the two differ only in which ties at a
+    # threshold they keep, so every difference lies in the tied band, and keep_all changes more elements.
+    from workbench.pipelines.bench.compare import compare_merges, targets_met
+    from workbench.pipelines.bench.merge import ensure_models
+    from workbench.merge.engine import run_merge
+    from workbench.merge.recipe import MergeRecipe, ModelEntry
+
+    models = ensure_models(tmp_path / "models", "tiny")
+    outs = {}
+    for rule in ("exact", "keep_all"):
+        recipe = MergeRecipe(method="ties", base="base", trim_ties=rule, models=[
+            ModelEntry(model="expert_a", density=0.2), ModelEntry(model="expert_b", density=0.2)])
+        outs[rule] = run_merge(recipe, models, tmp_path / rule, device="cpu", progress=False).out_dir
+    experts = [models["expert_a"], models["expert_b"]]
+    same = compare_merges(outs["exact"], outs["exact"], models["base"], experts, [0.2, 0.2])
+    assert same["differ_outside_band_share"] == 0 and same["max_changed_share_gap_pp"] == 0 and targets_met(same)
+    c = compare_merges(outs["exact"], outs["keep_all"], models["base"], experts, [0.2, 0.2])
+    assert c["tensors"] > 10 and 0 < c["threshold_band_share"] < 0.5 and c["zero_election_share"] > 0
+    assert c["differ_outside_band_share"] == 0 and c["differ_outside_both_share"] == 0
+    assert c["differ_inside_band_share"] > 0
+    assert c["max_changed_share_gap_pp"] > 0
+    assert all(t["changed_workbench"] <= t["changed_mergekit"] for t in c["per_tensor"].values())
+
+
+def test_compare_needs_mergekit(capsys, tmp_path):
+    _one_line_error(capsys, ["bench", "merge", "--size", "tiny", "--no-mergekit", "--compare", "--work",
+                             str(tmp_path)], "--compare compares with mergekit's output")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_the_gpu_commands_without_cuda_are_one_line(capsys, tmp_path):
+    _one_line_error(capsys, ["bench", "gpu", "--work", str(tmp_path)], "bench gpu: CUDA is not available")
+    _one_line_error(capsys, ["bench", "merge", "--size", "tiny", "--no-mergekit", "--device", "cuda",
+                             "--work", str(tmp_path)], "--device cuda: CUDA is not available")
+    _one_line_error(capsys, ["bench", "gpu", "--parts", "tests,nope"], "--parts 'tests,nope': unknown part nope")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_gpu_check_judges_a_real_kernel_benchmark(default_dispatch):
+    """The verdicts and the summary of `bench gpu` from a real (CPU) kernel benchmark and a real tests record."""
+    from workbench.pipelines.bench.gpu import format_summary, kernel_verdicts, summary
+    from workbench.pipelines.bench.kernels import run_kernel_benchmark
+
+    bench = run_kernel_benchmark("cpu", [4099], repeats=2, warmup=0, progress=lambda _: None)
+    v = kernel_verdicts(bench)
+    fused = next(e for e in bench["entries"] if (e["kernel"], e["implementation"]) == ("thresholds", "fused"))
+    topk = next(e for e in bench["entries"] if (e["kernel"], e["implementation"]) == ("thresholds", "topk"))
+    assert v["n"] == 4099 and v["threshold_ms"] == fused["median_s"] * 1e3
+    assert v["threshold_vs_topk"] == topk["median_s"] / fused["median_s"] and v["thresholds_equal_kthvalue"]
+    results = {"environment": {"torch": torch.__version__}, "kernels": {"verdicts": v},
+               "tests": {"passed": 3, "failed": 1, "skipped": 0, "returncode": 1},
+               "merges": {"cases": {"ties": {"workbench": {"seconds": 2.0}, "same_bytes_as_cpu": True,
+                                             "workbench_cuda": {"seconds": 3.0}}}},
+               "pretrain": {"lora": {"packed_tokens_per_second": 10.0, "padded_tokens_per_second": 5.0},
+                            "seconds": 1.0}}
+    rows = {what: ok for what, _, ok in summary(results)}
+    assert rows["kernel tests compiled on CUDA: 0 failures"] is False
+    assert rows["merge ties: CUDA bytes equal CPU bytes"] is True
+    assert rows["merge ties: CUDA not slower than CPU"] is False
+    assert rows["CT tokens/s, 135M shape, lora"] is None
+    text = format_summary({**results, "summary": summary(results)})
+    assert "MISS kernel tests compiled on CUDA" in text and "target(s) missed" in text
+
+
+def test_the_gpu_checks_language_file_is_a_valid_micro_profile(tmp_path, tiny_llama_factory):
+    """The language file `bench gpu` runs adapt with: Swahili's micro profile on a local model folder."""
+    from workbench.config.loader import load_language
+    from workbench.pipelines.bench.gpu import tiny_language_file
+
+    model, _ = tiny_llama_factory("base")
+    loaded = load_language(str(tiny_language_file(tmp_path, model)), profile="micro", fast=True)
+    assert loaded.profile.base.path == str(model) and loaded.profile.base.gguf is None
+    assert loaded.profile.eval.mgsm is not None and set(loaded.profile.merges) >= {"ties", "ties_sv"}

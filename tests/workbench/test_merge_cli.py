@@ -29,7 +29,7 @@ def test_merge_command_writes_model_card_and_report(tmp_path, tiny_family):
         {"model": l_dir.name, "density": 0.3}, {"model": t_dir.name, "density": 0.3, "slack": 0.1}]}))
     out = workbench("merge", str(recipe), "--out", str(tmp_path / "merged"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "merged (ties_sv)" in out.stdout and "entered with slack" in out.stdout
+    assert "merged (ties_sv)" in out.stdout and "without slack" in out.stdout and "protected" in out.stdout
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["papers"]["ties_sv"].startswith("Tao et al., 2024")
     assert set(report["inputs"]) == {b_dir.name, l_dir.name, t_dir.name}
@@ -38,7 +38,7 @@ def test_merge_command_writes_model_card_and_report(tmp_path, tiny_family):
     assert report["device"] == "cpu" and report["kernels"] == cpu_native.why()  # as the subprocess saw it
     assert f"on cpu, {report['kernels']} -> " in out.stdout
     card = (tmp_path / "merged" / "README.md").read_text()
-    assert "## Top-k survival" in card and "sha256" in card
+    assert "## What entered the merge" in card and "sha256" in card and "without slack" in card
     again = workbench("merge", str(recipe), "--out", str(tmp_path / "merged"), cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 

@@ -5,7 +5,6 @@ Tolerance: the engine and the reference both compute in fp32 and round to the st
 may be taken in a different order, so a bf16 result may differ by one bf16 step (2^-8 relative):
 rtol 1e-2, atol 1e-4 for bf16 and rtol 1e-5, atol 1e-6 for fp32.
 """
-import math
 import os
 import signal
 import subprocess
@@ -42,32 +41,34 @@ def merge(tmp_path, recipe_dict, name="out", **kwargs):
     return result, state_of(result.out_dir)
 
 
-def ceil_count(fraction, n):
-    """⌈f·n⌉ where f·n within float noise of an integer is that integer (0.4 + 0.2 is 0.6, not 0.6000000000000001)."""
-    x = fraction * n
-    return round(x) if abs(x - round(x)) < 1e-6 * max(x, 1) else math.ceil(x)
+def top_count(fraction, n):
+    """mergekit's count: ⌊k·n⌋ in float64, at least 1."""
+    return max(1, int(fraction * n))
+
+
+def top_mask(delta, fraction):
+    """The ⌊k·n⌋ largest |δ|, ties at the threshold by position (a stable descending sort)."""
+    mag = delta.abs().flatten()
+    if fraction >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    order = torch.sort(mag, descending=True, stable=True).indices[:top_count(fraction, mag.numel())]
+    return torch.zeros_like(mag, dtype=torch.bool).index_fill_(0, order, True).view(delta.shape)
 
 
 def ties_reference(base, experts, weights, densities, slacks=None, lam=1.0):
-    """Yadav et al. (2023) trim/elect/disjoint-merge, plus Tao et al.'s slack band, on one tensor."""
+    """Yadav et al. (2023) trim/elect/disjoint-merge, with TIES-SV's protected vote (docs/design.md §4.5)."""
     slacks = slacks or [0.0] * len(experts)
     b = base.float()
     deltas = [e.float() - b for e in experts]
-    keeps, slack_masks = [], []
-    for d, k, s in zip(deltas, densities, slacks):
-        mag = d.abs().flatten()
-        n = mag.numel()
-        hi = torch.topk(mag, ceil_count(k, n)).values[-1] if k < 1 else torch.tensor(0.0)
-        lo = torch.topk(mag, ceil_count(min(1.0, k + s), n)).values[-1] if k + s < 1 else torch.tensor(0.0)
-        keeps.append(d.abs() >= hi)
-        slack_masks.append((d.abs() >= lo) & (d.abs() < hi))
+    keeps = [top_mask(d, k) for d, k in zip(deltas, densities)]
+    protects = [top_mask(d, s) if s > 0 else torch.zeros_like(d, dtype=torch.bool) for d, s in zip(deltas, slacks)]
     elected = torch.sign(sum(w * d * m for w, d, m in zip(weights, deltas, keeps)))
-    fallback = torch.sign(sum(w * d * m for w, d, m in zip(weights, deltas, slack_masks)))
-    elected = torch.where(elected == 0, fallback, elected)
+    protected_vote = torch.sign(sum(w * d * m for w, d, m in zip(weights, deltas, protects)))
+    elected = torch.where(protected_vote != 0, protected_vote, elected)
     num = torch.zeros_like(b)
     den = torch.zeros_like(b)
-    for w, d, keep, sl in zip(weights, deltas, keeps, slack_masks):
-        agree = (keep | sl) & (torch.sign(d) == elected) & (elected != 0)
+    for w, d, keep in zip(weights, deltas, keeps):
+        agree = keep & (torch.sign(d) == elected) & (elected != 0)
         num += torch.where(agree, w * d, 0.0)
         den += torch.where(agree, torch.full_like(d, w), 0.0)
     merged = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
@@ -102,7 +103,7 @@ def test_ties_and_ties_sv_equal_the_reference(tmp_path, bf16_family):
     (b_dir, b), (l_dir, l), (t_dir, t) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
     res, ties = merge(tmp_path, {"method": "ties", "base": str(b_dir), "models": [
         {"model": str(l_dir), "density": 0.3}, {"model": str(t_dir), "density": 0.4}]}, "ties")
-    _, sv = merge(tmp_path, {"method": "ties_sv", "base": str(b_dir), "models": [
+    res_sv, sv = merge(tmp_path, {"method": "ties_sv", "base": str(b_dir), "models": [
         {"model": str(l_dir), "density": 0.3}, {"model": str(t_dir), "density": 0.4, "slack": 0.2}]}, "sv")
     for name in b:
         torch.testing.assert_close(ties[name], ties_reference(b[name], [l[name], t[name]], [1, 1], [0.3, 0.4]),
@@ -111,8 +112,15 @@ def test_ties_and_ties_sv_equal_the_reference(tmp_path, bf16_family):
                                                             [0.0, 0.2]), **TOL[torch.bfloat16])
     experts = res.report["experts"]
     assert [e["model"] for e in experts] == [str(l_dir), str(t_dir)]
-    assert 0.3 <= experts[0]["kept_fraction"] < 0.32  # ties at a threshold only add a few
-    assert 0 < experts[1]["survival_without_slack"] < 1
+    numel = sum(b[n].numel() for n in b)
+    assert experts[0]["kept"] == sum(top_count(0.3, b[n].numel()) for n in b)    # exactly ⌊k·n⌋ per tensor
+    assert experts[0]["kept_fraction"] == experts[0]["kept"] / numel
+    assert 0 < experts[1]["kept_entered_share"] < 1 and experts[1]["protected_entered_share"] is None
+    lang, task = res_sv.report["experts"]
+    assert task["protected"] == sum(top_count(0.2, b[n].numel()) for n in b) and lang["protected"] == 0
+    assert task["protected_entered_share"] == 1.0          # only the task expert's vote decides there
+    assert task["protected_entered_share_without_slack"] < 1.0
+    assert task["kept_entered_share_without_slack"] == experts[1]["kept_entered_share"]    # = plain TIES
 
 
 def test_ties_sv_with_zero_slack_writes_the_same_bytes_as_ties(tmp_path, bf16_family):
@@ -131,12 +139,15 @@ def test_model_scope_ranks_all_trimmed_tensors_together(tmp_path, bf16_family):
     res, out = merge(tmp_path, {"method": "ties", "base": str(b_dir), "scope": "model", "models": [
         {"model": str(l_dir), "density": 0.2}, {"model": str(t_dir), "density": 0.2}]}, "scope")
     pool = [n for n in b if "embed_tokens" not in n and "lm_head" not in n]
-    taus = []
+    taus, counts = [], []
     for e in (l, t):
         mags = torch.cat([(e[n].float() - b[n].float()).abs().flatten() for n in pool])
-        taus.append(float(torch.topk(mags, ceil_count(0.2, mags.numel())).values[-1]))
+        counts.append(top_count(0.2, mags.numel()))
+        taus.append(float(torch.topk(mags, counts[-1]).values[-1]))
     got = res.report["model_scope_thresholds"]
-    assert [got[str(l_dir)]["tau_hi"], got[str(t_dir)]["tau_hi"]] == taus
+    assert [got[str(l_dir)]["tau_keep"], got[str(t_dir)]["tau_keep"]] == taus
+    kept = [sum(r["kept"][i] for n, r in res.report["tensors"].items() if n in pool) for i in range(2)]
+    assert kept == counts                                  # exactly ⌊k·n⌋ over the whole pool
     kept_layers = {r["kept_fraction"][0] for n, r in res.report["tensors"].items() if n in pool}
     assert len(kept_layers) > 1  # one global threshold keeps different shares of different tensors
 

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: lazy reader, streaming sharded writer, compatibility check (DESIGN.md §6).
+"""Checkpoint I/O: lazy reader, streaming sharded writer, compatibility check (docs/design.md §6).
 
 Only safetensors are read by default; pickles need an explicit allow_pickle and then load with
 `torch.load(weights_only=True)`. Nothing here ever sets trust_remote_code.

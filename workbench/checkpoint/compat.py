@@ -20,7 +20,7 @@ class CompatReport:
     """What the models share: `names` (in the reference's file order) with the reference's shapes and dtypes.
 
     With an extended vocabulary, `extended_shapes` holds the extended model's larger embedding and LM head
-    shapes (rows [0, V) are shared, rows [V, V') are its own; DESIGN §4.6a).
+    shapes (rows [0, V) are shared, rows [V, V') are its own; docs/design.md §4.6a).
     """
 
     reference: str

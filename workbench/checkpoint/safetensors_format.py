@@ -46,10 +46,6 @@ class TensorSpec:
     nbytes: int
 
 
-def dtype_from_code(code: str) -> torch.dtype:
-    return _DTYPES[code]
-
-
 def code_from_dtype(dtype: torch.dtype) -> str:
     """The safetensors dtype code of a torch dtype; ValueError for dtypes the format cannot hold."""
     try:

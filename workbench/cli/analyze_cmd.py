@@ -1,4 +1,4 @@
-"""Delta-magnitude profile of each expert against a base, per layer and module kind (DESIGN.md §4.1): JSON
+"""Delta-magnitude profile of each expert against a base, per layer and module kind (docs/design.md §4.1): JSON
 and a heatmap PNG (one panel per expert), plus the layer-swap blocks the `auto` rule would choose (the
 largest blocks at each end where the language expert's relative change exceeds the task expert's).
 

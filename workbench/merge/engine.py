@@ -2,12 +2,13 @@
 
 Peak memory is about (T + 2) × the largest tensor: each input tensor is a private copy-on-write map of
 its file, released as soon as its output is written. On CPU every output is computed into one reusable
-buffer (writing over a map's pages would copy each page on first write: measured 4x slower for task
-arithmetic); on GPU the output may be written over the base's device copy.
+buffer: writing over a map's pages would copy each page on first write (docs/benchmarks.md, "Whole merges
+against mergekit", has the measurement); on GPU the output may be written over the base's device copy.
 An interrupted merge resumes from its last finished shard; the output directory appears only when
 complete (the writer renames it into place). The output never touches an input, and one merge at a time
 writes it (workbench/outputs.py); a failed merge leaves a `.partial` only when a rerun can resume from it.
 """
+import math
 import sys
 import time
 import zlib
@@ -23,10 +24,11 @@ from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
 from workbench.config.schema import Where, parse, to_dict
 from workbench.errors import CheckpointError, ConfigError, NonFiniteError
 from workbench.kernels.cpu_native import count_nonfinite
+from workbench.kernels.dispatch import kernel_backend
 from workbench.kernels.layer_swap import lerp_
-from workbench.kernels.topk_threshold import topk_thresholds_multi
+from workbench.kernels.topk_threshold import topk_select_multi
 from workbench.merge.card import build_report, render_card
-from workbench.merge.methods import TensorMerge, merge_tensor
+from workbench.merge.methods import Expert, TensorMerge, merge_tensor, tensor_seed
 from workbench.merge.model_card import publication
 from workbench.merge.plan import build_plan
 from workbench.merge.recipe import MergeRecipe
@@ -132,7 +134,7 @@ class _Scratch:
     def take(self, shape, dtype) -> torch.Tensor:
         if self.device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
-        nbytes = _numel(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if self.buf is None or self.buf.numel() < nbytes:
             self.buf = None  # the old buffer goes before the bigger one is allocated
             self.buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -142,9 +144,9 @@ class _Scratch:
 class _Executor:
     """Compute one output tensor from its op and input tensors."""
 
-    def __init__(self, plan, thresholds: dict, allow_nonfinite: bool, seed: int, device: torch.device,
+    def __init__(self, plan, selections: dict, allow_nonfinite: bool, seed: int, device: torch.device,
                  nonfinite_option: str | None = "--allow-nonfinite"):
-        self.plan, self.thresholds = plan, thresholds
+        self.plan, self.selections = plan, selections
         self.allow_nonfinite, self.seed = allow_nonfinite, seed
         self.fix = "fix the model" + (f", or pass {nonfinite_option} to merge anyway (non-finite deltas count "
                                       f"as 0)" if nonfinite_option else "")
@@ -152,7 +154,7 @@ class _Executor:
         self.inplace = device.type != "cpu"  # a device copy of the base may become the output
 
     def extended_tail(self, op, inputs):
-        """The extended model's tensor, whose rows [V, V') this output takes (DESIGN.md §4.6a), or None."""
+        """The extended model's tensor, whose rows [V, V') this output takes (docs/design.md §4.6a), or None."""
         return inputs[self.plan.extended] if op.extra else None
 
     def check_finite(self, op, ref, tensor):
@@ -184,10 +186,11 @@ class _Executor:
         language = inputs[op.language]
         self.check_finite(op, op.language, language)
         lerp_(middle, language, op.alpha)
-        return middle, {"op": "swap", "alpha": op.alpha, "language": op.language, **info}
+        return middle, {"op": "swap", "alpha": op.alpha, "language": op.language, **info,
+                        "kernels": kernel_backend(middle, language)}
 
     def _assemble(self, op, inputs, shared):
-        """Add the extended model's new rows to a tensor of the shared rows (DESIGN.md §4.6a)."""
+        """Add the extended model's new rows to a tensor of the shared rows (docs/design.md §4.6a)."""
         tail = self.extended_tail(op, inputs)
         if tail is None or shared.shape[0] == op.shape[0]:
             return shared
@@ -209,11 +212,13 @@ class _Executor:
         else:
             shape = (rows,) + tuple(op.shape[1:]) if rows is not None else op.shape
             out = self.scratch.take(shape, op.dtype)
-        job = TensorMerge(name=op.name, base=base, experts=experts, weights=[e.weight for e in recipe.models],
-                          densities=[e.density for e in recipe.models], slacks=[e.slack for e in recipe.models],
-                          lam=recipe.lam, normalize=recipe.normalize, consensus=recipe.consensus,
-                          seed=(self.seed * 1000003 + zlib.crc32(op.name.encode())) % (2**31),
-                          thresholds=self.thresholds.get(op.name) if recipe.scope == "model" else None, out=out)
+        scoped = self.selections.get(op.name) if recipe.scope == "model" else None
+        job = TensorMerge(name=op.name, base=base, out=out, lam=recipe.lam, normalize=recipe.normalize,
+                          consensus=recipe.consensus, trim_ties=recipe.trim_ties,
+                          seed=tensor_seed(self.seed, zlib.crc32(op.name.encode())),
+                          experts=[Expert(tensor, weight=e.weight, density=e.density, slack=e.slack,
+                                          selection=scoped[i] if scoped else None)
+                                   for i, (tensor, e) in enumerate(zip(experts, recipe.models))])
         result, info = merge_tensor(recipe.method, job)
         if any(info.nonfinite) and not self.allow_nonfinite:
             which = ", ".join(f"{e.model} ({n})" for e, n in zip(recipe.models, info.nonfinite) if n)
@@ -222,13 +227,18 @@ class _Executor:
         return self._assemble(op, inputs, result), info.as_record()
 
 
-def _scope_thresholds(recipe, readers, names, plan) -> dict:
-    """Model scope (DESIGN.md §4.2): one (τ_hi, τ_lo) pair per expert over every trimmed tensor together."""
+def _scope_selections(recipe, readers, names) -> tuple[dict, list]:
+    """Model scope (docs/design.md §4.2): each expert's exact selections over every trimmed tensor together.
+
+    Returns ({tensor name: [(keep, protect or None) per expert]}, [(keep, protect) over the whole pool per
+    expert]); ties at a threshold are taken in pool order, then flat index order.
+    """
     if recipe.scope != "model":
-        return {}
+        return {}, []
     pool = [n for n in names if not any(part in n for part in recipe.scope_exclude)]
     base = readers[recipe.base]
-    per_expert = []
+    per_tensor = {name: [] for name in pool}
+    wholes = []
     for entry in recipe.models:
         expert = readers[entry.model]
 
@@ -241,10 +251,13 @@ def _scope_thresholds(recipe, readers, names, plan) -> dict:
                 base.release(name)
                 expert.release(name)
 
-        fractions = [entry.density] if entry.slack == 0 else [entry.density, min(1.0, entry.density + entry.slack)]
-        taus = topk_thresholds_multi(pairs, fractions)
-        per_expert.append((taus[0], taus[-1]))
-    return {name: per_expert for name in pool}
+        fractions = [entry.density] + ([entry.slack] if entry.slack > 0 else [])
+        found = topk_select_multi(pairs, fractions, ties=recipe.trim_ties)
+        keep, protect = found[0], (found[1] if entry.slack > 0 else None)
+        for i, name in enumerate(pool):
+            per_tensor[name].append((keep.parts[i], protect.parts[i] if protect else None))
+        wholes.append((keep.whole, protect.whole if protect else None))
+    return per_tensor, wholes
 
 
 def _auto_profiles(recipe, readers, names, progress) -> dict | None:
@@ -287,7 +300,7 @@ def _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, m
         dtypes = {ref: {n: r.spec(n).dtype for n in r.names} for ref, r in readers.items()}
         profiles = _auto_profiles(recipe, readers, compat.names, progress)
         plan = build_plan(recipe, compat, dtypes, profiles)
-        thresholds = _scope_thresholds(recipe, readers, compat.names, plan)
+        selections, scope_wholes = _scope_selections(recipe, readers, compat.names)
         identity = {ref: [file_identity(f) for f in sorted(r.files)] for ref, r in readers.items()}
         resume_key = fingerprint({"recipe": to_dict(recipe), "inputs": identity, "allow_nonfinite": allow_nonfinite,
                                   "version": __version__}, length=32)
@@ -296,10 +309,10 @@ def _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, m
                                resume_key=resume_key, overwrite=overwrite, lock=lock)
         ops = {op.name: op for op in plan.ops}
         pending = [ops[name] for name in writer.pending()]
-        executor = _Executor(plan, thresholds, allow_nonfinite, recipe.seed, device, nonfinite_option)
+        executor = _Executor(plan, selections, allow_nonfinite, recipe.seed, device, nonfinite_option)
         _stream(pending, inputs, executor, writer, recipe, progress)
         elapsed = time.perf_counter() - started
-        report = build_report(recipe, models, readers, plan, compat, writer.records(), thresholds,
+        report = build_report(recipe, models, readers, plan, compat, writer.records(), scope_wholes,
                               profiles, elapsed, device)
         report["publication"] = publication(report, card)
         writer.extra_files.update({"merge_report.json": _json(report), "README.md": render_card(report)})
@@ -356,7 +369,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def _stream(pending, inputs, executor, writer, recipe, progress):
-    total = sum(op.dtype.itemsize * _numel(op.shape) for op in pending)
+    total = sum(op.dtype.itemsize * math.prod(op.shape) for op in pending)
     bar = _progress_bar(total, f"merge {recipe.method}", progress)
     try:
         for i, op in enumerate(pending):
@@ -367,17 +380,10 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
             del tensors, out
             inputs.release(op)
             bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors", refresh=False)  # redrawn at tqdm's own pace
-            bar.update(op.dtype.itemsize * _numel(op.shape))
+            bar.update(op.dtype.itemsize * math.prod(op.shape))
     finally:
         bar.close()
         writer.close()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _json(obj) -> str:

@@ -1,15 +1,12 @@
-"""Layer swapping with transition zones (Bandarkar et al., 2024; DESIGN.md §4.6): which layers, which share.
+"""Layer swapping with transition zones (Bandarkar et al., 2024; docs/design.md §4.6): which layers, which share.
 
 Start from the task expert; its bottom `b` and top `t` layers are replaced by the language expert's, and
 `z` transition layers on each inner edge blend the two. α_ℓ is the language expert's share of layer ℓ:
 1 in the swapped blocks, 0 in the kept middle, and a linear ramp across each transition zone.
 
-The ramp. DESIGN.md writes α = (z − j)/(z + 1) for the j-th transition layer away from the swapped block,
-j = 1 … z. Taken literally, the last transition layer always gets α = 0, so the default single transition
-layer (z = 1) would be identical to a kept layer and there would be no transition zone at all. We use the
-linear ramp that formula evidently intends, strictly between the block (1) and the middle (0):
-α = (z + 1 − j)/(z + 1), i.e. 1/2 for z = 1, and 2/3, 1/3 for z = 2 (the paper's transition layer is an
-even blend of the two experts).
+The ramp (docs/design.md §4.6): α = (z + 1 − j)/(z + 1) for the j-th transition layer away from the
+swapped block, j = 1 … z, strictly between the block (1) and the middle (0): 1/2 for z = 1, and 2/3, 1/3
+for z = 2 (the paper's transition layer is an even blend of the two experts).
 """
 from dataclasses import dataclass, field
 

@@ -2,7 +2,7 @@
 import re
 from dataclasses import dataclass
 
-# Module kinds in the order the heatmap shows them (DESIGN.md §4.1).
+# Module kinds in the order the heatmap shows them (docs/design.md §4.1).
 KINDS = ("embed", "attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm",
          "final_norm", "lm_head", "other")
 

@@ -53,7 +53,7 @@ class TensorOp:
 class MergePlan:
     ops: list
     config_source: str  # the model whose config and tokenizer files go with the output
-    extended: str | None  # the model with an extended vocabulary, if any (DESIGN.md §4.6a)
+    extended: str | None  # the model with an extended vocabulary, if any (docs/design.md §4.6a)
     shared_rows: int | None  # V: rows the models share in the embedding and LM head
     swap: SwapPlan | None = None
     notes: list = field(default_factory=list)

@@ -16,7 +16,7 @@ PAPERS = {
     "task_arithmetic": "Ilharco et al., 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
     "ties": "Yadav et al., 2023, TIES-Merging (arXiv:2306.01708)",
     "ties_sv": "Tao et al., 2024, Unlocking the Potential of Model Merging for Low-Resource Languages "
-               "(arXiv:2407.03994): TIES with a slack variable",
+               "(arXiv:2407.03994): TIES with a slack variable (this project's reading: docs/design.md §4.5)",
     "dare_ties": "Yu et al., 2024, Language Models are Super Mario (DARE, arXiv:2311.03099) with TIES",
     "layer_swap": "Bandarkar et al., 2024, Layer Swapping for Zero-Shot Cross-Lingual Transfer "
                   "in Large Language Models (arXiv:2410.01335)",
@@ -34,17 +34,19 @@ class ModelEntry:
     model: str = option(nonempty=True, doc="model directory, or a role in a profile")
     weight: float = number(1.0, lo=-MAX_SCALE, hi=MAX_SCALE, doc="w_t")
     density: float = number(1.0, lo=0, hi=1, lo_open=True, doc="k_t: share of |delta| kept by the trim")
-    slack: float = number(0.0, lo=0, hi=1, doc="s_t: extra share admitted as a second chance (TIES-SV)")
+    slack: float = number(0.0, lo=0, hi=1, doc="s_t: share of |delta| whose sign votes alone in the election "
+                                                "(TIES-SV, docs/design.md §4.5); at most the density")
 
     def validate(self, where: Where):
-        if self.density + self.slack > 1 + 1e-12:
+        if self.slack > self.density:
             raise (where / "slack").error(
-                f"expected density + slack <= 1, got {self.density:g} + {self.slack:g}")
+                f"expected slack <= density (the protected elements are the top s·n of the kept ones), "
+                f"got slack {self.slack:g} > density {self.density:g}")
 
 
 @dataclass(kw_only=True)
 class LayerSwap:
-    """Layer swapping with transition zones (Bandarkar et al., 2024; DESIGN.md §4.6)."""
+    """Layer swapping with transition zones (Bandarkar et al., 2024; docs/design.md §4.6)."""
 
     task: str = option(nonempty=True, doc="the task expert: its middle layers are kept")
     language: str = option(nonempty=True, doc="the language expert: its bottom and top layers are swapped in")
@@ -69,7 +71,7 @@ class LayerSwap:
 
 @dataclass(kw_only=True)
 class MergeRecipe:
-    """A whole merge: method, inputs and parameters (DESIGN.md §4)."""
+    """A whole merge: method, inputs and parameters (docs/design.md §4)."""
 
     method: Method = option()
     base: Optional[str] = option(None, doc="θ_b: the model every delta is taken from")
@@ -77,6 +79,9 @@ class MergeRecipe:
     lam: float = number(1.0, lo=-MAX_SCALE, hi=MAX_SCALE, key="lambda", doc="λ: scale of the merged delta")
     normalize: bool = option(True, doc="disjoint mean (true) or plain sum (false) of the agreeing deltas")
     consensus: Literal["sum", "count"] = option("sum", doc="sign election by weighted sum or by count")
+    trim_ties: Literal["exact", "keep_all"] = option(
+        "exact", doc="elements at the trim threshold: the first ones in flat order until exactly max(1, floor(k·n)) "
+                     "are kept (exact, as mergekit counts), or all of them (keep_all, the TIES reference code)")
     scope: Literal["tensor", "model"] = option("tensor", doc="rank |delta| per tensor or over the whole model")
     scope_exclude: list[str] = option(default_factory=lambda: ["embed_tokens", "lm_head"],
                                       doc="name parts kept out of the model-scope pool")
@@ -115,6 +120,9 @@ class MergeRecipe:
                     f"with method {self.method!r}")
         if self.method == "linear" and abs(sum(e.weight for e in self.models)) < 1e-12:
             raise (where / "models").error("linear merge weights sum to 0; expected a non-zero sum")
+        if self.trim_ties != "exact" and self.method not in ("ties", "ties_sv"):
+            raise (where / "trim_ties").error(f"trim_ties applies to ties and ties_sv, got {self.trim_ties!r} "
+                                              f"with method {self.method!r}")
         if self.scope == "model" and self.method not in ("ties", "ties_sv"):
             raise (where / "scope").error(f"scope 'model' applies to ties and ties_sv, got method {self.method!r}")
 

@@ -5,5 +5,5 @@ from workbench.merge.methods import MergeInfo, TensorMerge, register
 
 @register("linear")
 def linear(job: TensorMerge):
-    out, counts = ties_merge(None, job.experts, weights=job.weights, method="linear", out=job.out)
-    return out, MergeInfo("linear", counts.numel, nonfinite=list(counts.nonfinite))
+    out, counts = ties_merge(None, job.tensors, weights=job.weights, method="linear", out=job.out)
+    return out, MergeInfo.from_counts("linear", counts, trimmed=False)

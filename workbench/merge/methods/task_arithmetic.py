@@ -5,6 +5,6 @@ from workbench.merge.methods import MergeInfo, TensorMerge, register
 
 @register("task_arithmetic")
 def task_arithmetic(job: TensorMerge):
-    out, counts = ties_merge(job.base, job.experts, weights=job.weights, lam=job.lam, method="task_arithmetic",
+    out, counts = ties_merge(job.base, job.tensors, weights=job.weights, lam=job.lam, method="task_arithmetic",
                              out=job.out)
-    return out, MergeInfo("task_arithmetic", counts.numel, nonfinite=list(counts.nonfinite))
+    return out, MergeInfo.from_counts("task_arithmetic", counts, trimmed=False)
