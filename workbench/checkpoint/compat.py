@@ -147,7 +147,7 @@ def _dtype_differences(ref, base, label, model, strict) -> list[str]:
 
 
 def _check_extension_proven(ref, base, label, model):
-    """An extended vocabulary (DESIGN.md §4.6a) must be proven by the tokenizers: the extended model's has
+    """An extended vocabulary (docs/design.md §4.6a) must be proven by the tokenizers: the extended model's has
     more tokens, and its first V are the reference's. Without that proof the extra rows are refused."""
     rows, own = _vocab_rows(base), _vocab_rows(model)
     if rows is None or own is None or own <= rows:
