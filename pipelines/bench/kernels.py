@@ -236,9 +236,9 @@ def format_kernel_table(results: dict) -> str:
                  "must move / median")
     busy = results.get("loadavg_before", [0])[0]  # before the benchmark's own threads raised it
     if busy > 0.5 * (results.get("cpu_count") or 1):
-        # Measured on 2 cores: the CPU path's many small OpenMP regions wait for descheduled threads when
-        # other processes hold the cores (50-100x slower). OMP_WAIT_POLICY=PASSIVE cures that but costs an
-        # idle machine 2-5x (50M thresholds 0.29 s -> 1.40 s), so it is not the default.
+        # The CPU path's small OpenMP regions wait for descheduled threads when other processes hold the
+        # cores; OMP_WAIT_POLICY=PASSIVE cures that but slows an idle machine, so it is not the default
+        # (docs/benchmarks.md, "OpenMP waiting", has the figures).
         lines.append(f"note: the machine was busy before the run (load {busy:.1f} on {results['cpu_count']} cores): "
                      f"figures taken while other processes share the cores are not comparable; rerun on an idle "
                      f"machine (on a machine that stays shared, OMP_WAIT_POLICY=PASSIVE is faster)")
