@@ -29,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.config.schema import to_dict
 from workbench.errors import DataError
 from workbench.pipelines.sources import iter_column, load_rows, local_identity, require_columns, select_rows
 from workbench.pipelines.stage import write_json_atomic
+
 
 _SPACES = re.compile(r"[^\S\n]+")  # any whitespace but the newline
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -87,8 +89,6 @@ def read_source_documents(loaded, names, *, min_chars: int, seen, counts: Source
 
 def source_inputs(loaded, names) -> dict:
     """Each named source's settings, plus the content hash of local files."""
-    from workbench.config.schema import to_dict
-
     out = {}
     for name in names:
         src = loaded.language.sources[name]

@@ -16,8 +16,10 @@ import numpy as np
 
 from workbench.errors import ConfigError, DataError
 from workbench.pipelines.processes import is_main_process, main_process_first
-from workbench.pipelines.prompts import ENGLISH_TEMPLATE, PromptFormat, answer_text, prompt_text
+from workbench.pipelines.prompts import answer_text, ENGLISH_TEMPLATE, prompt_text, PromptFormat
 from workbench.pipelines.sources import iter_column, load_rows, require_columns, resolve_local, select_rows
+from workbench.pipelines.training import print_summary, train_and_save
+
 
 
 def load_pairs(data, config_dir=None) -> list[tuple[str, str]]:
@@ -95,8 +97,6 @@ def train_sft(sft, base_dir, out, prompt_fmt: PromptFormat | None = None, *, con
     (resumed when interrupted); the expert is `out/model`. Relative data paths resolve against `config_dir`
     (the language YAML's folder). Returns the training summary with the pair counts."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
-
-    from workbench.pipelines.training import print_summary, train_and_save
 
     sft = getattr(sft, "sft", sft)
     if sft is None or not hasattr(sft, "data"):

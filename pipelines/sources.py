@@ -8,6 +8,8 @@ import csv
 from pathlib import Path
 
 from workbench.errors import DataError, HubUnavailableError
+from workbench.provenance import file_sha256
+
 
 # File suffix -> the `datasets` builder that reads it. `.txt` is one document a line.
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tsv": "csv"}
@@ -21,8 +23,6 @@ def resolve_local(path: str, base_dir) -> Path:
 
 def local_identity(path: str, base_dir) -> dict:
     """What a stage key needs to know of a local file: where it is and its content hash."""
-    from workbench.provenance import file_sha256
-
     p = resolve_local(path, base_dir)
     return {"path": str(p.resolve()), "sha256": file_sha256(p) if p.is_file() else None}
 

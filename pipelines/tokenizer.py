@@ -24,7 +24,10 @@ from collections import Counter
 from pathlib import Path
 
 from workbench.errors import DataError
+from workbench.pipelines.corpus import read_heldout, read_training_text
 from workbench.pipelines.stage import write_json_atomic
+from workbench.pipelines.training import has_tied_embeddings, save_model_atomic
+
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # Scripts written without spaces between words: tokens per word means nothing there.
@@ -118,8 +121,6 @@ def extend_vocabulary(model_dir, out_dir, texts, *, new_pieces: int, sp_vocab_si
     import torch
     from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.pipelines.training import has_tied_embeddings, save_model_atomic
-
     base = AutoTokenizer.from_pretrained(str(model_dir))
     sp_texts = take_chars(texts, SP_TRAIN_CHARS)
     sp = train_sentencepiece(sp_texts, vocab_size=sp_vocab_size, model_type=sp_model_type)
@@ -149,8 +150,6 @@ def write_tokenizer_report(loaded, base_dir, text_dir, out: Path) -> dict | None
     """Fertility report into `out` (and the extended model in `out/model` when the profile asks for it) from the
     documents of `text_dir` (`corpus.write_corpus_text`'s folder); None when the profile asks for neither."""
     from transformers import AutoTokenizer
-
-    from workbench.pipelines.corpus import read_heldout, read_training_text
 
     cfg = loaded.profile.tokenizer
     if not cfg.check and not cfg.extend_vocab:

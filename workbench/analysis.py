@@ -8,9 +8,10 @@ import json
 import math
 from pathlib import Path
 
-from workbench.checkpoint import ModelReader
+from workbench.checkpoint import check_compatible, ModelReader
 from workbench.kernels.delta_stats import delta_stats
 from workbench.merge.layers import KINDS, num_layers, place_of
+
 
 BATCH_BYTES = 64 * 1024 * 1024  # small tensors are gathered into one kernel call up to this size
 
@@ -94,8 +95,6 @@ def layer_profile(stats: dict) -> dict:
 
 def analyze_models(base_dir, experts: dict, *, progress=None) -> dict:
     """{label: layer_profile} for each expert directory against the base directory."""
-    from workbench.checkpoint import check_compatible
-
     readers = {"base": ModelReader(base_dir)}
     readers.update({label: ModelReader(path) for label, path in experts.items()})
     try:

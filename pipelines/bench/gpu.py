@@ -22,6 +22,13 @@ from pathlib import Path
 
 import torch
 
+from workbench.config.loader import load_language, shipped_languages_dir
+from workbench.pipelines.adapt import build_graph
+from workbench.pipelines.bench.kernels import format_kernel_table, run_kernel_benchmark
+from workbench.pipelines.bench.merge import format_table, run_merge_benchmark
+from workbench.pipelines.bench.pretrain import pretrain_throughput
+from workbench.pipelines.corpus import clean_text
+
 PARTS = ("tests", "kernels", "merges", "adapt", "pretrain")
 # SmolLM2-135M-Instruct's shape (the micro profiles' base), with the generated tokenizer's vocabulary.
 MICRO_BASE_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -111,8 +118,6 @@ def generated_model(out_dir: Path, **shape) -> Path:
     model folder; `shape` overrides the small default (LlamaConfig keys)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workbench.config.loader import shipped_languages_dir
-
     if (out_dir / "config.json").is_file():
         return out_dir
     corpora = shipped_languages_dir() / "corpora"
@@ -136,8 +141,6 @@ def tiny_language_file(work: Path, base_dir: Path) -> Path:
     """Swahili's language file with the micro profile's base replaced by `base_dir` and its paths absolute."""
     import yaml
 
-    from workbench.config.loader import shipped_languages_dir
-
     source = shipped_languages_dir() / "sw.yaml"
     raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     for spec in raw.get("sources", {}).values():
@@ -156,9 +159,6 @@ def tiny_language_file(work: Path, base_dir: Path) -> Path:
 def run_tiny_adapt(work: Path) -> dict:
     """`adapt --profile micro --fast` on the generated model, in this process (the graph `workbench adapt`
     executes), on CUDA: the peak CUDA memory it allocated shows that it ran there."""
-    from workbench.config.loader import load_language
-    from workbench.pipelines.adapt import build_graph
-
     language = tiny_language_file(work, generated_model(work / "tiny-llama"))
     run_dir = work / "adapt-run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -179,10 +179,6 @@ def run_tiny_adapt(work: Path) -> dict:
 
 def run_pretrain_throughput(work: Path, steps: int) -> dict:
     """CT tokens/s of a generated model of the micro base's shape, LoRA and full, on the shipped Swahili."""
-    from workbench.config.loader import shipped_languages_dir
-    from workbench.pipelines.bench.pretrain import pretrain_throughput
-    from workbench.pipelines.corpus import clean_text
-
     model = generated_model(work / "smollm2-shaped", **MICRO_BASE_SHAPE)
     lines = (shipped_languages_dir() / "corpora" / "sw.txt").read_text(encoding="utf-8").splitlines()
     texts = [d for d in map(clean_text, lines) if len(d) >= 20][:600]
@@ -205,9 +201,6 @@ def _part(name: str, fn, progress) -> dict:
 def run_gpu_check(work: Path, *, tests_dir: Path, sizes=(200_000_000,), merge_size="270m", parts=PARTS,
                   workers=8, pretrain_steps=10, progress=print) -> dict:
     """Run the chosen parts; {"environment", part: result, "summary": [(target, measured, ok)]}."""
-    from workbench.pipelines.bench.kernels import format_kernel_table, run_kernel_benchmark
-    from workbench.pipelines.bench.merge import format_table, run_merge_benchmark
-
     work.mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(), "parts": list(parts)}
     progress(json.dumps(results["environment"]))

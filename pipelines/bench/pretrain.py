@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.config.language import LoraSettings, TrainConfig
+from workbench.pipelines.corpus import pack
+from workbench.pipelines.pretrain import packed_collator, PackedBlocks
+from workbench.pipelines.training import (load_trainable_model, make_trainer_class, train_and_save,
+    training_arguments, use_step_log)
+
 
 def _packed_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
-    from workbench.pipelines.corpus import pack
-    from workbench.pipelines.pretrain import PackedBlocks, packed_collator
-    from workbench.pipelines.training import train_and_save
-
     blocks, _ = pack(ids, tokenizer.eos_token_id, block_size)
     np.save(work_dir / "blocks.npy", blocks)
     summary = train_and_save(model_dir, tokenizer, cfg, work_dir / "packed", train_dataset=PackedBlocks(
@@ -27,8 +29,6 @@ def _padded_side(model_dir, tokenizer, ids, cfg, block_size, work_dir) -> float:
     """The baseline: every document (+ EOS) its own row, cut or padded to `block_size`, a plain Trainer."""
     import datasets
     from transformers import Trainer, default_data_collator, set_seed
-
-    from workbench.pipelines.training import load_trainable_model, make_trainer_class, training_arguments, use_step_log
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -54,8 +54,6 @@ def pretrain_throughput(model_dir, texts, *, block_size=256, batch_size=8, steps
     """Real tokens per second of CT on packed blocks and of the padded baseline, and their ratio (best of
     `repeats` runs of each, alternating)."""
     from transformers import AutoTokenizer
-
-    from workbench.config.language import LoraSettings, TrainConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]

@@ -8,8 +8,10 @@ per-layer table ten million rows long. Each is refused here, naming the file, ke
 import torch
 
 from workbench.checkpoint.reader import EMBED, LM_HEAD, ModelReader
+from workbench.checkpoint.safetensors_format import DTYPE_CODES
 from workbench.errors import InvalidModelError
 from workbench.merge.layers import place_of
+
 
 # Weights a merge computes on: floats of 2 to 8 bytes. An integer, boolean or 1-byte float label among
 # them changes what the bytes mean (a relabelled BF16 tensor read as I16 reaches values of 10^4).
@@ -117,6 +119,4 @@ def _layer_problems(model) -> list[str]:
 
 
 def _code(dtype) -> str:
-    from workbench.checkpoint.safetensors_format import DTYPE_CODES
-
     return DTYPE_CODES.get(dtype, str(dtype))

@@ -34,7 +34,10 @@ def _debug_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's module is imported and given its arguments (the
+    others are listed with their summaries), so each command module may import what it needs at its top
+    and `workbench --help` imports none of them."""
     parser = argparse.ArgumentParser(
         prog="workbench",
         description="Low-resource language adaptation: continual pretraining, task experts, and fused merges "
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, summary in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=summary)
+            continue
+        # The one deliberate dynamic import: the command's own module, chosen by argv.
         module = importlib.import_module(f"workbench.cli.{name}_cmd")
         p = sub.add_parser(name, help=summary, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_debug_parent()])
@@ -51,8 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(argv) -> str:
+    """The subcommand argv names (its first word that is not an option), or "" when it names none."""
+    word = next((a for a in argv if not a.startswith("-")), "")
+    return word if word in COMMANDS else ""
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)  # bad usage: argparse prints it and exits with 2
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -6,6 +6,12 @@ Experts are named by their folder names, or as LABEL=DIR.
 """
 from pathlib import Path
 
+from workbench.analysis import analyze_models, write_analysis
+from workbench.errors import ConfigError
+from workbench.merge.layer_swap import plan_layer_swap
+from workbench.merge.recipe import LayerSwap
+from workbench.outputs import check_apart
+
 
 def add_arguments(parser):
     parser.add_argument("base", metavar="BASE", help="base model directory")
@@ -17,8 +23,6 @@ def add_arguments(parser):
 
 
 def _labelled(items):
-    from workbench.errors import ConfigError
-
     experts = {}
     for item in items:
         label, _, path = item.partition("=") if "=" in item else (Path(item).name, "", item)
@@ -29,12 +33,6 @@ def _labelled(items):
 
 
 def run(args):
-    from workbench.analysis import analyze_models, write_analysis
-    from workbench.errors import ConfigError
-    from workbench.merge.layer_swap import plan_layer_swap
-    from workbench.merge.recipe import LayerSwap
-    from workbench.outputs import check_apart
-
     experts = _labelled(args.experts)
     check_apart({"analysis folder": Path(args.out)}, {"base": args.base, **experts})
     profiles = analyze_models(args.base, experts)

@@ -26,14 +26,23 @@ import re
 import sys
 from pathlib import Path
 
-from workbench.errors import ConfigError, MissingDependencyError
+from workbench.cli import _debug_parent
+from workbench.config.loader import load_language, shipped_languages_dir
+from workbench.errors import ConfigError, DataError, MissingDependencyError
+from workbench.pipelines.bench.gpu import format_summary, PARTS, run_gpu_check
+from workbench.pipelines.bench.kernels import format_kernel_table, run_kernel_benchmark
+from workbench.pipelines.bench.merge import CASE_NAMES, format_table, run_merge_benchmark
+from workbench.pipelines.bench.pretrain import pretrain_throughput
+from workbench.pipelines.corpus import clean_text
+from workbench.pipelines.fetch import parse_model_arg, resolve_model
+from workbench.pipelines.stage import write_json_atomic
+from workbench.provenance import cache_dir
+
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 
 
 def add_arguments(parser):
-    from workbench.cli import _debug_parent
-
     sub = parser.add_subparsers(dest="what", metavar="BENCHMARK", required=True)
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_debug_parent()])
     k = sub.add_parser("kernels", help="fused kernels vs references and torch alternatives",
@@ -98,9 +107,6 @@ def run(args):
 
 
 def _run_gpu(args):
-    from workbench.pipelines.bench.gpu import PARTS, format_summary, run_gpu_check
-    from workbench.provenance import cache_dir
-
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
@@ -133,8 +139,6 @@ def _positive(option: str, value: int):
 
 
 def _write_json(path: str, data: dict):
-    from workbench.pipelines.stage import write_json_atomic
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
@@ -156,8 +160,6 @@ def _need_cuda(option: str):
 
 
 def _run_kernels(args):
-    from workbench.pipelines.bench.kernels import format_kernel_table, run_kernel_benchmark
-
     sizes = [parse_count(s) for s in args.sizes]
     _positive("--repeats", args.repeats)
     if args.warmup < 0:
@@ -173,9 +175,6 @@ def _run_kernels(args):
 
 
 def _run_merge(args):
-    from workbench.pipelines.bench.merge import CASE_NAMES, format_table, run_merge_benchmark
-    from workbench.provenance import cache_dir
-
     only = None
     if args.only is not None:
         only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -198,8 +197,6 @@ def _run_merge(args):
 
 
 def _run_pretrain(args):
-    from workbench.pipelines.bench.pretrain import pretrain_throughput
-
     for option in ("steps", "batch_size", "block_size", "repeats"):
         _positive("--" + option.replace("_", "-"), getattr(args, option))
     model = _pretrain_model(args.model)
@@ -220,11 +217,8 @@ def _run_pretrain(args):
 
 def _pretrain_model(text: str | None) -> Path:
     """--model resolved to a local directory; by default the micro profile's base (converted once)."""
-    from workbench.pipelines.fetch import parse_model_arg, resolve_model
-
     if text is not None:
         return resolve_model(parse_model_arg(text), base_dir=Path.cwd(), key="--model")
-    from workbench.config.loader import load_language
 
     loaded = load_language("sw", profile="micro")
     try:
@@ -235,10 +229,6 @@ def _pretrain_model(text: str | None) -> Path:
 
 def _pretrain_texts(path: str | None, *, min_chars=20, limit=600) -> list:
     """Documents of at least `min_chars` characters, one a line, the first `limit` of them."""
-    from workbench.config.loader import shipped_languages_dir
-    from workbench.errors import DataError
-    from workbench.pipelines.corpus import clean_text
-
     file = Path(path) if path else shipped_languages_dir() / "corpora" / "sw.txt"
     try:
         lines = file.read_text(encoding="utf-8").splitlines()

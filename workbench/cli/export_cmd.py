@@ -9,6 +9,9 @@ vocabularies included. The file appears only when complete.
 """
 from pathlib import Path
 
+from workbench.export.gguf_export import check_output, export_gguf
+from workbench.export.modelfile import ollama_name, run_commands, write_modelfile
+
 
 def add_arguments(parser):
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder (safetensors)")
@@ -21,9 +24,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from workbench.export.gguf_export import check_output, export_gguf
-    from workbench.export.modelfile import ollama_name, run_commands, write_modelfile
-
     check_output(args.gguf, force=args.force)
     model_dir = Path(args.model_dir)
     name = args.name or model_dir.resolve().name

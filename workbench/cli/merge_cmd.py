@@ -11,6 +11,10 @@ Recipe example (paths are relative to the recipe file):
     - {model: models/math, density: 0.3, slack: 0.1}
 """
 
+from workbench.errors import ConfigError
+from workbench.merge.card import describe_entered
+from workbench.merge.engine import load_recipe, resolve_paths, run_merge
+
 
 def add_arguments(parser):
     parser.add_argument("recipe", metavar="RECIPE.yaml")
@@ -28,8 +32,6 @@ def parse_size(text: str) -> int:
     """Bytes in a size such as 500MB or 2GB: at least one byte, at most 1 PB."""
     import math
 
-    from workbench.errors import ConfigError
-
     units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
     t = text.strip().upper()
     for unit, factor in units.items():
@@ -45,9 +47,6 @@ def parse_size(text: str) -> int:
 
 
 def run(args):
-    from workbench.merge.card import describe_entered
-    from workbench.merge.engine import load_recipe, resolve_paths, run_merge
-
     max_shard_bytes = parse_size(args.max_shard_size)
     recipe, base_dir = load_recipe(args.recipe)
     models = resolve_paths(recipe, base_dir, source=args.recipe)

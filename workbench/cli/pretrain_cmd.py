@@ -10,8 +10,13 @@ The same command runs under accelerate (DDP; on a machine without GPUs the proce
 """
 from pathlib import Path
 
-from workbench.cli.common import add_config_arguments, add_run_dir_argument
+from workbench.cli.adapt_cmd import quiet_library_progress
+from workbench.cli.common import add_config_arguments, add_run_dir_argument, run_dir_of
+from workbench.config.loader import load_language
 from workbench.outputs import check_apart
+from workbench.pipelines.adapt import build_graph
+from workbench.pipelines.processes import is_main_process
+
 
 STAGE = "language_expert"
 
@@ -25,12 +30,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from workbench.cli.adapt_cmd import quiet_library_progress
-    from workbench.cli.common import run_dir_of
-    from workbench.config.loader import load_language
-    from workbench.pipelines.adapt import build_graph
-    from workbench.pipelines.processes import is_main_process
-
     overrides = list(args.overrides)
     if args.base:
         overrides.append(("base", {"path": str(Path(args.base).resolve())}))

@@ -7,8 +7,10 @@ import torch
 from workbench import __version__
 from workbench.config.schema import to_dict
 from workbench.kernels.dispatch import describe, kernel_backend
+from workbench.merge.model_card import front_matter, origin_label, publication_sections
 from workbench.merge.recipe import PAPERS
 from workbench.provenance import cached_file_sha256
+
 
 
 COUNTS = ("kept", "kept_entered", "protected", "protected_entered", "kept_entered_without_slack",
@@ -125,8 +127,6 @@ def build_report(recipe, models, readers, plan, compat, records, scope_selection
 
 def render_card(report: dict) -> str:
     """A Hugging Face model card: what was merged, how, from which exact files."""
-    from workbench.merge.model_card import front_matter, origin_label, publication_sections
-
     recipe = report["recipe"]
     origins = (report.get("publication") or {}).get("inputs", {})
     lines = front_matter(report)
