@@ -37,7 +37,7 @@ def test_local_inputs_are_named_by_folder_and_sha256(tmp_path, tiny_family):
     assert str(tmp_path) not in head
     card = (out / "README.md").read_text()
     assert "no licence is known for base, sw, math" in card and "## How it was made" in card
-    assert "## Top-k survival" in card  # the merge's own diagnostic stays
+    assert "## What entered the merge" in card  # the merge's own diagnostic stays
 
 
 def test_hub_inputs_licences_languages_and_a_conflict(tmp_path, tiny_llama_factory):
