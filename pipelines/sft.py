@@ -9,27 +9,21 @@ merge, a full safetensors model in `<stage>/model`.
 
 With enough pairs (20 or more), a seeded 5% (at most 64) is held out and its answer loss is logged.
 """
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from workbench.errors import ConfigError, DataError
+from workbench.pipelines.problems import generate_problems
 from workbench.pipelines.processes import is_main_process, main_process_first
-from workbench.pipelines.prompts import answer_text, ENGLISH_TEMPLATE, prompt_text, PromptFormat
+from workbench.pipelines.prompts import ENGLISH_TEMPLATE, PromptFormat, answer_text, prompt_text
 from workbench.pipelines.sources import iter_column, load_rows, require_columns, resolve_local, select_rows
 from workbench.pipelines.training import print_summary, train_and_save
-
 
 
 def load_pairs(data, config_dir=None) -> list[tuple[str, str]]:
     """The (question, answer) pairs of an `SftData`: generated problems, a local .tsv/.jsonl, or a hub set."""
     if data.generated is not None:
-        if importlib.util.find_spec("workbench.pipelines.problems") is None:
-            raise ConfigError("sft data.generated needs the word-problem generator (workbench.pipelines.problems), "
-                              "which this build lacks; use data.path with a question<TAB>answer .tsv file instead")
-        from workbench.pipelines.problems import generate_problems
-
         return [(p.question, p.answer) for p in generate_problems(data.lang, data.generated, data.seed)]
     name = data.path or data.hub
     q, a = data.question_field, data.answer_field

@@ -17,6 +17,7 @@ import torch
 
 from workbench.errors import ConfigError
 from workbench.pipelines.processes import barrier, is_main_process
+from workbench.pipelines.stage import write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -214,8 +215,6 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     merged = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
     if is_main_process():
         save_model_atomic(merged.to(stored_dtype(model_dir)), tokenizer, stage_dir / MODEL)
-        from workbench.pipelines.stage import write_json_atomic
-
         write_json_atomic(stage_dir / "log_history.json", state.log_history)
         shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
     barrier()

@@ -5,6 +5,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from workbench.config.schema import to_dict
 
 _HASH_CHUNK = 8 * 1024 * 1024
 _lock = threading.Lock()
@@ -13,7 +14,6 @@ _lock = threading.Lock()
 def canonical(obj):
     """Plain JSON-able data with a fixed form: dicts sorted, paths as text, 1.0 written as 1."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        from workbench.config.schema import to_dict
 
         return canonical(to_dict(obj))
     if isinstance(obj, dict):

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from workbench.pipelines.bench.compare import compare_merges, format_comparison, targets_met
-from workbench.pipelines.bench.processes import run_measured, warm_page_cache
 from workbench.checkpoint import ShardedWriter
 from workbench.errors import ConfigError
+from workbench.pipelines.bench.compare import compare_merges, format_comparison, targets_met
+from workbench.pipelines.bench.processes import run_measured, warm_page_cache
+from workbench.provenance import file_sha256
 
 SIZES = {
     # hidden, intermediate, layers, vocab: the merge issue's ~270M model, and a small one for a quick run.
@@ -208,8 +209,6 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, co
 
 def output_digests(out_dir: Path) -> dict:
     """{file name: sha256} of a merged model's weight files."""
-    from workbench.provenance import file_sha256
-
     return {p.name: file_sha256(p) for p in sorted(Path(out_dir).glob("*.safetensors"))}
 
 

@@ -1,6 +1,5 @@
 """SFT stage: the loss mask covers exactly the rendered prompt, a few steps lower the loss on the training
 problems, and data errors name their source."""
-import importlib.util
 import json
 
 import pytest
@@ -101,8 +100,6 @@ def test_jsonl_fields_and_errors_name_the_source(tmp_path):
         load_pairs(SftData(hub="microsoft/orca-math-word-problems-200k"))  # HF_HUB_OFFLINE=1 in the tests
 
 
-@pytest.mark.skipif(importlib.util.find_spec("workbench.pipelines.problems") is None,
-                    reason="the word-problem generator (workbench.pipelines.problems) is not merged yet")
 def test_generated_problems_feed_sft(tmp_path, tiny_llama_factory):
     base_dir, _ = tiny_llama_factory("base")
     pairs = load_pairs(SftData(generated=24, lang="en", seed=0))

@@ -1,6 +1,8 @@
 """Arguments shared by the config-driven commands (--lang, --profile, --set, --run-dir)."""
 from pathlib import Path
 
+from workbench.config.loader import load_language
+
 
 def add_config_arguments(parser, *, required=True):
     parser.add_argument("--lang", required=required, metavar="LANG|FILE.yaml",
@@ -13,8 +15,6 @@ def add_config_arguments(parser, *, required=True):
 
 
 def load_config(args, *, fast=False):
-    from workbench.config.loader import load_language
-
     return load_language(args.lang, profile=args.profile, overrides=args.overrides, fast=fast)
 
 

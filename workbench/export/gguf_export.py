@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench import __version__
+from workbench.checkpoint import ModelReader
 from workbench.errors import ConfigError
 from workbench.export.gguf_model import add_hyperparameters, plan_model, tensor_data
 from workbench.export.gguf_vocab import add_vocabulary, read_vocabulary
+from workbench.merge.engine import _progress_bar
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -58,8 +60,6 @@ def export_gguf(model_dir, out, *, out_type: str = "f16", force: bool = False, n
     """Write the model in `model_dir` to the GGUF file `out` (`out_type`: f16, bf16 or q8_0)."""
     import gguf
 
-    from workbench.checkpoint import ModelReader
-
     started = time.perf_counter()
     out = check_output(out, force=force)
     model_dir = Path(model_dir)
@@ -95,8 +95,6 @@ def export_gguf(model_dir, out, *, out_type: str = "f16", force: bool = False, n
 def _write_tensors(writer, plan, reader, progress: bool, desc: str):
     """Tensor table first, then each tensor converted and written on its own: one tensor in memory at a time."""
     import numpy as np
-
-    from workbench.merge.engine import _progress_bar
 
     for t in plan.tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

@@ -21,6 +21,7 @@ import torch
 from workbench import __version__
 from workbench.analysis import expert_delta_stats, extended_label, layer_profile
 from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
+from workbench.config.loader import read_yaml
 from workbench.config.schema import Where, parse, to_dict
 from workbench.errors import CheckpointError, ConfigError, NonFiniteError
 from workbench.kernels.cpu_native import count_nonfinite
@@ -51,8 +52,6 @@ class MergeResult:
 
 def load_recipe(path) -> tuple[MergeRecipe, Path]:
     """Read and validate a recipe file; model paths in it are relative to its folder."""
-    from workbench.config.loader import read_yaml
-
     path = Path(path)
     refuse_special(path, ConfigError)
     if not path.is_file():
