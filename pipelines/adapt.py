@@ -11,10 +11,20 @@ keyed by that model's files, so a changed merge does not evaluate the other mode
 """
 from pathlib import Path
 
+from workbench.analysis import analyze_models, write_analysis
 from workbench.config.schema import to_dict
 from workbench.errors import ConfigError
-from workbench.pipelines.publish import add_export_stage
+from workbench.merge.engine import run_merge
+from workbench.pipelines.corpus import read_heldout, source_inputs, write_blocks, write_corpus_text
+from workbench.pipelines.evaluate import evaluate_models, tasks_from_config
+from workbench.pipelines.fetch import fetch_profile, profile_sources
+from workbench.pipelines.pretrain import train_language_expert
+from workbench.pipelines.prompts import PromptFormat
+from workbench.pipelines.publish import add_export_stage, merge_card, refresh_merge_cards
 from workbench.pipelines.runner import RunGraph, StageSpec, stage_output
+from workbench.pipelines.sft import train_sft
+from workbench.pipelines.tokenizer import write_tokenizer_report
+from workbench.report import write_report
 
 VERSION = 1  # bump when a stage's outputs change for the same inputs
 # 2: perplexity on the held-out documents' text; version 1 scored each line of heldout.jsonl, JSON quoting and all
@@ -39,9 +49,6 @@ def _describe_source(source) -> str:
 def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
     """The stages of one run of `loaded` (a LoadedConfig) under `run_dir`; `callbacks` (transformers
     TrainerCallbacks) go to every training stage."""
-    from workbench.pipelines.corpus import source_inputs
-    from workbench.pipelines.fetch import profile_sources
-
     profile = loaded.profile
     graph = RunGraph(run_dir)
     le = profile.language_expert
@@ -49,8 +56,6 @@ def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
     sources = profile_sources(profile)
 
     def fetch(stage, deps):
-        from workbench.pipelines.fetch import fetch_profile
-
         manifest = fetch_profile(loaded, stage.path)
         models = {role: manifest["models"][src.label()]["path"] for role, (_, src) in sources.items()}
         return {"models": models, "manifest": str(stage.path / "fetch.json")}
@@ -83,8 +88,6 @@ def _add_ct_stages(graph, loaded, source_inputs, callbacks):
     hub = [f"{loaded.language.sources[n].hub}" for n in names if loaded.language.sources[n].hub]
 
     def corpus(stage, deps):
-        from workbench.pipelines.corpus import write_corpus_text
-
         # Output names are those records have always had, so that a run directory from before keeps working.
         return {"text_stage": str(stage.path), "stats": write_corpus_text(loaded, stage.path)}
 
@@ -93,8 +96,6 @@ def _add_ct_stages(graph, loaded, source_inputs, callbacks):
                         downloads=tuple(hub)))
 
     def tokenizer(stage, deps):
-        from workbench.pipelines.tokenizer import write_tokenizer_report
-
         base = _model_of(deps, "base", profile)
         report = write_tokenizer_report(loaded, base, deps["corpus"]["outputs"]["text_stage"], stage.path)
         if report is None:
@@ -108,8 +109,6 @@ def _add_ct_stages(graph, loaded, source_inputs, callbacks):
                         deps=("fetch", "corpus"), describe=f"fertility of the base tokenizer{ext}"))
 
     def blocks(stage, deps):
-        from workbench.pipelines.corpus import write_blocks
-
         write_blocks(loaded, deps["tokenizer"]["outputs"]["model"], deps["corpus"]["outputs"]["text_stage"],
                      stage.path)
         return {"corpus_stage": str(stage.path), "heldout": str(stage.path / "heldout.jsonl")}
@@ -120,8 +119,6 @@ def _add_ct_stages(graph, loaded, source_inputs, callbacks):
     p = profile.language_expert.pretrain
 
     def pretrain(stage, deps):
-        from workbench.pipelines.pretrain import train_language_expert
-
         model = Path(deps["tokenizer"]["outputs"]["model"])
         extended = "extension" in (deps["tokenizer"]["outputs"].get("fertility") or {})
         if extended and p.method == "lora" and not p.lora.train_embeddings:
@@ -150,9 +147,6 @@ def _add_other_language_expert(graph, loaded, callbacks):
         return
 
     def sft(stage, deps):
-        from workbench.pipelines.prompts import PromptFormat
-        from workbench.pipelines.sft import train_sft
-
         # General instructions (e.g. Aya), not word problems: the question is the whole user turn.
         summary = train_sft(le.sft, _model_of(deps, "base", profile), stage.path, PromptFormat(template="{question}"),
                             config_dir=loaded.base_dir, name="language", callbacks=callbacks)
@@ -176,8 +170,6 @@ def _add_task_expert(graph, loaded, name, expert, callbacks):
         return
 
     def sft(stage, deps):
-        from workbench.pipelines.sft import train_sft
-
         summary = train_sft(expert.sft, _model_of(deps, "base", profile), stage.path, config_dir=loaded.base_dir,
                             name=name, callbacks=callbacks)
         return {"model": str(stage.path / "model"), "summary": summary}
@@ -193,8 +185,6 @@ def _add_analysis(graph, loaded, expert_stages):
     profile = loaded.profile
 
     def analyze(stage, deps):
-        from workbench.analysis import analyze_models, write_analysis
-
         experts = {"language": _model_of(deps, "language", profile)}
         experts.update({n: _model_of(deps, n, profile) for n in profile.experts})
         profiles = analyze_models(_model_of(deps, "base", profile), experts)
@@ -209,10 +199,6 @@ def _add_merge(graph, loaded, name, recipe, expert_stages):
     profile = loaded.profile
 
     def merge(stage, deps):
-        from workbench.merge.engine import run_merge
-
-        from workbench.pipelines.publish import merge_card
-
         models = {ref: _model_of(deps, ref, profile) for ref in recipe.references()}
         result = run_merge(recipe, models, stage.path / "model", overwrite=True,
                            source=loaded.where(f"merges.{name}").located(),
@@ -237,9 +223,6 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     profile = loaded.profile
 
     def evaluate(stage, deps):
-        from workbench.pipelines.corpus import read_heldout
-        from workbench.pipelines.evaluate import evaluate_models, tasks_from_config
-
         heldout = None
         if ct:
             heldout = read_heldout(deps["blocks"]["outputs"]["corpus_stage"])
@@ -261,9 +244,6 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
 
 def _add_report(graph, loaded, run_dir):
     def report(stage, deps):
-        from workbench.pipelines.publish import refresh_merge_cards
-        from workbench.report import write_report
-
         refresh_merge_cards(loaded, deps)
         return write_report(loaded, deps, run_dir)
 

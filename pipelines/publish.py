@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 
 from workbench.config.schema import to_dict
+from workbench.evaluation.table import markdown_table
+from workbench.export.gguf_export import export_gguf
+from workbench.export.modelfile import ollama_name, write_modelfile
+from workbench.merge.card import render_card
+from workbench.merge.model_card import publication
 from workbench.pipelines.runner import StageSpec, stage_output
+from workbench.report import recommended_model
 
 VERSION = 1
 
@@ -81,10 +87,6 @@ def _datasets(loaded) -> list:
 
 def refresh_merge_cards(loaded, records: dict) -> list:
     """Rewrite the README.md of every merged model of the run with the run's evaluation table in it."""
-    from workbench.evaluation.table import markdown_table
-    from workbench.merge.card import render_card
-    from workbench.merge.model_card import publication
-
     table = json.loads(Path(records["evaluate"]["outputs"]["table"]).read_text(encoding="utf-8"))
     evaluation = (f"Every model of the run (`{loaded.language.code}`, profile `{loaded.profile_name}`), "
                   f"this merge among them:\n\n" + markdown_table(table))
@@ -114,10 +116,7 @@ def add_export_stage(graph, loaded, run_dir):
         return
 
     def export(stage, deps):
-        from workbench.export.gguf_export import export_gguf
-        from workbench.export.modelfile import ollama_name, write_modelfile
-        from workbench.pipelines.adapt import eval_models
-        from workbench.report import recommended_model
+        from workbench.pipelines.adapt import eval_models  # lazy: adapt imports this module (a cycle at the top)
 
         table = json.loads(Path(deps["evaluate"]["outputs"]["table"]).read_text(encoding="utf-8"))
         best = recommended_model(loaded, table)

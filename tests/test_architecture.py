@@ -170,3 +170,38 @@ def test_no_dead_public_functions(folder):
                 if uses < 2:  # the definition itself
                     dead.append(f"{path}: {node.name}")
     assert dead == []
+
+
+def function_level_own_imports(tree, lines) -> list:
+    """(line number, module, reason) of each import of the project's own modules inside a function."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                    and node.module.split(".")[0] == "workbench":
+                line = lines[node.end_lineno - 1]
+                found.append((node.lineno, node.module, line.split("# lazy:", 1)[1].strip() if "# lazy:" in line
+                              else None))
+    return sorted(set(found))
+
+
+def test_the_projects_modules_are_imported_at_the_top():
+    """A reader sees what depends on what from a module's top; at most 20 imports of the project's own modules
+    stay inside functions, each with a `# lazy: <reason>` comment (a cycle, or keeping a light path light)."""
+    lazy, unexplained = [], []
+    for path, tree in sources(*FOLDERS).items():
+        lines = (REPO / path).read_text(encoding="utf-8").splitlines()
+        for lineno, module, reason in function_level_own_imports(tree, lines):
+            (lazy if reason else unexplained).append(f"{path}:{lineno}: {module}")
+    assert not unexplained, f"imports inside functions without a '# lazy:' reason: {unexplained}"
+    assert len(lazy) <= 20, f"{len(lazy)} function-level imports of the project's modules (at most 20): {lazy}"
+
+
+def test_the_top_import_check_catches_an_unexplained_import():
+    code = "def f():\n    from workbench.errors import ConfigError\n    return ConfigError\n"
+    found = function_level_own_imports(ast.parse(code), code.splitlines())
+    assert found == [(2, "workbench.errors", None)]
+    code = code.replace("ConfigError\n    return", "ConfigError  # lazy: a cycle\n    return")
+    assert function_level_own_imports(ast.parse(code), code.splitlines()) == [(2, "workbench.errors", "a cycle")]

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from workbench.evaluation.table import markdown_table, wilson_interval
+from workbench.export.modelfile import run_commands
 from workbench.merge.card import describe_entered
 
 
@@ -175,7 +176,6 @@ def export_summary(record: dict | None) -> dict | None:
     """The export stage's file, size and run commands, or None when the profile has no export."""
     if record is None:
         return None
-    from workbench.export.modelfile import run_commands
 
     out = record["outputs"]
     if not out.get("gguf"):

@@ -12,7 +12,11 @@ resumes an interrupted one; changing a setting reruns only the stages it affects
 import time
 from pathlib import Path
 
-from workbench.cli.common import add_config_arguments, add_run_dir_argument
+from workbench.cli.common import add_config_arguments, add_run_dir_argument, load_config, run_dir_of
+from workbench.outputs import check_apart
+from workbench.pipelines.adapt import build_graph, eval_models
+from workbench.pipelines.runner import clock
+from workbench.report import export_summary
 
 
 def add_arguments(parser):
@@ -26,11 +30,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from workbench.cli.common import load_config, run_dir_of
-    from workbench.outputs import check_apart
-    from workbench.pipelines.adapt import build_graph
-    from workbench.pipelines.runner import clock
-
     loaded = load_config(args, fast=args.fast)
     run_dir = run_dir_of(args, loaded)
     graph = build_graph(loaded, run_dir)
@@ -56,8 +55,6 @@ def run(args):
             print(f"- {line.replace('**', '')}")
         best = report.get("best")
         if best:
-            from workbench.pipelines.adapt import eval_models
-
             print(f"\nrecommended model ({best}): {eval_models(records, loaded.profile)[best]}")
         _print_export(records.get("export"))
         print(f"report: {report['markdown']}")
@@ -66,8 +63,6 @@ def run(args):
 
 
 def _print_export(record):
-    from workbench.report import export_summary
-
     export = export_summary(record)
     if export and "gguf" in export:
         print(f"GGUF ({export['type']}, {export['bytes'] / 1024**2:.1f} MiB): {export['gguf']}")

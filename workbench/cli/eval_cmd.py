@@ -12,6 +12,13 @@ Writes OUT/results.{md,json,png} and OUT/<model>/<task>.jsonl.
 from pathlib import Path
 
 from workbench.cli.common import add_config_arguments, load_config
+from workbench.config.language import EvalConfig
+from workbench.evaluation.mgsm import read_mgsm_tsv, sample_items
+from workbench.outputs import check_apart
+from workbench.pipelines.evaluate import (
+    MGSM_SAMPLE_SEED, PerplexitySet, TaskSet, evaluate_models, generated_task, read_document_lines, tasks_from_config
+)
+from workbench.pipelines.fetch import parse_model_arg, resolve_model
 
 
 def add_arguments(parser):
@@ -42,8 +49,6 @@ def _overrides(args) -> list:
 
 def model_arguments(texts) -> dict:
     """{name: local model directory} from `[NAME=]SOURCE` arguments (GGUF files are converted once)."""
-    from workbench.pipelines.fetch import parse_model_arg, resolve_model
-
     models = {}
     for text in texts:
         name, sep, spec = text.partition("=")
@@ -59,10 +64,6 @@ def model_arguments(texts) -> dict:
 
 
 def _tasks_without_config(args, settings):
-    from workbench.evaluation.mgsm import read_mgsm_tsv, sample_items
-    from workbench.pipelines.evaluate import (MGSM_SAMPLE_SEED, PerplexitySet, TaskSet, generated_task,
-                                              read_document_lines)
-
     tasks = []
     if args.mgsm:
         rows = sample_items(read_mgsm_tsv(args.mgsm), args.samples or 40, MGSM_SAMPLE_SEED)
@@ -77,9 +78,6 @@ def _tasks_without_config(args, settings):
 def run(args):
     from transformers.utils import logging as hf_logging
 
-    from workbench.config.language import EvalConfig
-    from workbench.outputs import check_apart
-    from workbench.pipelines.evaluate import evaluate_models, read_document_lines, tasks_from_config
 
     hf_logging.disable_progress_bar()  # one progress line per task instead
     models = model_arguments(args.models)

@@ -11,6 +11,7 @@ from pathlib import Path
 from workbench.cli.common import add_config_arguments, load_config
 from workbench.errors import ConfigError
 from workbench.outputs import check_apart
+from workbench.pipelines.fetch import fetch_model, fetch_profile, parse_model_arg, plan, update_manifest
 
 
 def add_arguments(parser):
@@ -57,8 +58,6 @@ def _print_models(manifest: dict, roles: dict):
 
 
 def run(args):
-    from workbench.pipelines.fetch import fetch_model, fetch_profile, parse_model_arg, plan, update_manifest
-
     if bool(args.lang) == bool(args.model):
         raise ConfigError("expected either --lang (with --profile) or one or more --model SOURCE")
     if args.lang:
