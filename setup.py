@@ -68,6 +68,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # lm-eval's standard tasks (eval.lm_eval, --lm-eval); its base install asks for no torch, so the
+        # CPU build stays
+        "eval": ["lm-eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["workbench=workbench.cli:main"]},
 )

@@ -231,7 +231,7 @@ def lm_eval_unavailable(tasks) -> str | None:
 
     skipped = ", ".join(tasks)
     if importlib.util.find_spec("lm_eval") is None:
-        return f"lm-eval is not installed (pip install lm-eval); skipped: {skipped}"
+        return f"lm-eval is not installed (pip install -e \".[eval]\"); skipped: {skipped}"
     if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return f"the Hugging Face Hub is switched off here (HF_HUB_OFFLINE); lm-eval tasks skipped: {skipped}"
     return None
@@ -242,7 +242,7 @@ def run_lm_eval(path: Path, tasks, batch_size: int) -> dict:
     try:
         import lm_eval
     except ImportError:
-        raise MissingDependencyError("lm-eval is not installed: pip install lm-eval") from None
+        raise MissingDependencyError("lm-eval is not installed: pip install -e \".[eval]\"") from None
     try:
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=list(tasks),
                                       batch_size=batch_size)
