@@ -219,8 +219,28 @@ def eval_models(deps: dict, profile) -> dict:
     return models
 
 
+def evaluated_metrics(loaded, ct: bool) -> list:
+    """What the evaluate stage will measure: held-out perplexity needs the CT stages (their held-out split)."""
+    ev, code = loaded.profile.eval, loaded.language.code
+    metrics = [f"MGSM ({ev.mgsm.samples} items)"] if ev.mgsm is not None else []
+    if ev.generated_problems:
+        metrics.append(f"{ev.generated_problems} generated problems" + (" and their English originals"
+                                                                          if code != "en" else ""))
+    if ct:
+        metrics.append("target-language perplexity")
+    metrics += [f"lm-eval {task}" for task in ev.lm_eval]
+    return metrics
+
+
 def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     profile = loaded.profile
+    metrics = evaluated_metrics(loaded, ct)
+    if not metrics:
+        # Known from the profile alone: fail before any fetch or training, not at the evaluate stage.
+        raise loaded.where("eval").error(
+            "nothing to evaluate: no MGSM, no generated problems, no lm-eval tasks, and no held-out perplexity "
+            "(the language expert is fetched, so the CT stages that hold out text do not run); set eval.lm_eval "
+            "or eval.mgsm, or remove language_expert.fetch to run CT")
 
     def evaluate(stage, deps):
         heldout = None
@@ -238,8 +258,8 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
     ev = profile.eval
     graph.add(StageSpec("evaluate", {"eval": to_dict(ev), "prompt": to_dict(loaded.language.prompt),
                                      "digits": loaded.language.digits, "v": EVALUATE_VERSION}, evaluate, deps=deps,
-                        describe=f"{2 + len(profile.experts) + len(profile.merges)} models on target-language "
-                                 f"perplexity, generated problems and MGSM"))
+                        describe=f"{2 + len(profile.experts) + len(profile.merges)} models on "
+                                 f"{', '.join(metrics)}"))
 
 
 def _add_report(graph, loaded, run_dir):
