@@ -9,6 +9,7 @@ stage is keyed by its settings and its dependencies' keys (`runner.RunGraph`) an
 checkpoints, merge shards). Evaluation keeps one more folder, `<run>/evaluation/`, with each model's scores
 keyed by that model's files, so a changed merge does not evaluate the other models again.
 """
+import importlib.util
 from pathlib import Path
 
 from workbench.analysis import analyze_models, write_analysis
@@ -230,6 +231,15 @@ def evaluated_metrics(loaded, ct: bool) -> list:
         metrics.append("target-language perplexity")
     metrics += [f"lm-eval {task}" for task in ev.lm_eval]
     return metrics
+
+
+def missing_packages(loaded) -> list:
+    """ConfigErrors for optional packages the profile needs and this environment lacks, each naming the fix."""
+    tasks = loaded.profile.eval.lm_eval
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        return [loaded.where("eval.lm_eval").error(f"lm-eval tasks {', '.join(tasks)} need lm-eval, which is not "
+                                                    f"installed: pip install -e \".[eval]\" (or set it to [])")]
+    return []
 
 
 def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):

@@ -1,10 +1,14 @@
 """Every shipped profile plans (the graph `adapt` and `--dry-run` build) or fails at once, naming the key."""
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from workbench.config.loader import available_languages, load_language
 from workbench.errors import ConfigError
-from workbench.pipelines.adapt import build_graph
+from workbench.pipelines.adapt import build_graph, missing_packages
 
 # Known from the profile alone, so it fails at planning, before any fetch: the authors' CT model is fetched (no
 # CT stage holds out Uyghur text) and no MGSM, generated problems or lm-eval task exists for Uyghur here.
@@ -33,3 +37,17 @@ def test_the_plan_says_what_is_evaluated(tmp_path):
     describe = next(s for s in graph.specs if s.name == "evaluate").describe
     assert "MGSM (" in describe and "generated problems and their English originals" in describe
     assert "target-language perplexity" in describe
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed here")
+def test_a_profile_needing_lm_eval_fails_before_any_stage_where_it_is_missing(tmp_path):
+    errors = missing_packages(load_language("bo", profile="paper-ties-sv"))
+    assert len(errors) == 1
+    assert "profiles.paper-ties-sv.eval.lm_eval" in str(errors[0]) and 'pip install -e ".[eval]"' in str(errors[0])
+    assert missing_packages(load_language("sw", profile="micro")) == []
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "workbench", "adapt", "--lang", "bo", "--profile", "paper-ties-sv"]
+    out = subprocess.run(cmd + ["--run-dir", str(run)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "eval.lm_eval" in out.stderr and not run.exists()
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert dry.returncode == 0 and "warning: " in dry.stdout and "eval.lm_eval" in dry.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from workbench.cli.common import add_config_arguments, add_run_dir_argument, load_config, run_dir_of
 from workbench.outputs import check_apart
-from workbench.pipelines.adapt import build_graph, eval_models
+from workbench.pipelines.adapt import build_graph, eval_models, missing_packages
 from workbench.pipelines.runner import clock
 from workbench.report import export_summary
 
@@ -33,6 +33,9 @@ def run(args):
     loaded = load_config(args, fast=args.fast)
     run_dir = run_dir_of(args, loaded)
     graph = build_graph(loaded, run_dir)
+    missing = missing_packages(loaded)
+    if missing and not args.dry_run:
+        raise missing[0]  # before any stage runs: the evaluation would skip those tasks after hours of work
     lang = loaded.language
     head = f"workbench adapt: {lang.name} ({lang.code}), profile {loaded.profile_name}" + \
            (" --fast" if args.fast else "") + f", run directory {run_dir}"
@@ -40,6 +43,8 @@ def run(args):
         print(head)
         print(loaded.profile.description.strip())
         print("\n".join(graph.plan_lines()))
+        for error in missing:
+            print(f"warning: {error}")
         return 0
     check_apart({"run directory": run_dir}, loaded.local_inputs(), option="--run-dir")
     print(head)
