@@ -9,7 +9,6 @@ stage is keyed by its settings and its dependencies' keys (`runner.RunGraph`) an
 checkpoints, merge shards). Evaluation keeps one more folder, `<run>/evaluation/`, with each model's scores
 keyed by that model's files, so a changed merge does not evaluate the other models again.
 """
-import importlib.util
 from pathlib import Path
 
 from workbench.analysis import analyze_models, write_analysis
@@ -17,7 +16,7 @@ from workbench.config.schema import to_dict
 from workbench.errors import ConfigError
 from workbench.merge.engine import run_merge
 from workbench.pipelines.corpus import read_heldout, source_inputs, write_blocks, write_corpus_text
-from workbench.pipelines.evaluate import evaluate_models, tasks_from_config
+from workbench.pipelines.evaluate import evaluate_models, evaluated_metrics, tasks_from_config
 from workbench.pipelines.fetch import fetch_profile, profile_sources
 from workbench.pipelines.pretrain import train_language_expert
 from workbench.pipelines.prompts import PromptFormat
@@ -218,28 +217,6 @@ def eval_models(deps: dict, profile) -> dict:
     models.update({n: _model_of(deps, n, profile) for n in profile.experts})
     models.update({n: stage_output(deps[f"merge:{n}"], "model") for n in profile.merges})
     return models
-
-
-def evaluated_metrics(loaded, ct: bool) -> list:
-    """What the evaluate stage will measure: held-out perplexity needs the CT stages (their held-out split)."""
-    ev, code = loaded.profile.eval, loaded.language.code
-    metrics = [f"MGSM ({ev.mgsm.samples} items)"] if ev.mgsm is not None else []
-    if ev.generated_problems:
-        metrics.append(f"{ev.generated_problems} generated problems" + (" and their English originals"
-                                                                          if code != "en" else ""))
-    if ct:
-        metrics.append("target-language perplexity")
-    metrics += [f"lm-eval {task}" for task in ev.lm_eval]
-    return metrics
-
-
-def missing_packages(loaded) -> list:
-    """ConfigErrors for optional packages the profile needs and this environment lacks, each naming the fix."""
-    tasks = loaded.profile.eval.lm_eval
-    if tasks and importlib.util.find_spec("lm_eval") is None:
-        return [loaded.where("eval.lm_eval").error(f"lm-eval tasks {', '.join(tasks)} need lm-eval, which is not "
-                                                    f"installed: pip install -e \".[eval]\" (or set it to [])")]
-    return []
 
 
 def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):

@@ -12,6 +12,7 @@ Files written under `out_dir`:
     <model>/metrics.json                       the model's metrics and the key of its inputs (resume)
 """
 import gc
+import importlib.util
 import json
 import re
 import time
@@ -103,6 +104,29 @@ def tasks_from_config(loaded, *, heldout_docs=None, mgsm_path=None) -> list:
     if heldout_docs:
         tasks.append(PerplexitySet(f"perplexity_{lang.code}", tuple(heldout_docs[:ev.perplexity_docs])))
     return tasks
+
+
+def evaluated_metrics(loaded, ct: bool) -> list:
+    """What `tasks_from_config` and lm-eval will measure, without loading data: held-out perplexity needs the CT
+    stages (their held-out split)."""
+    ev, code = loaded.profile.eval, loaded.language.code
+    metrics = [f"MGSM ({ev.mgsm.samples} items)"] if ev.mgsm is not None else []
+    if ev.generated_problems:
+        metrics.append(f"{ev.generated_problems} generated problems" + (" and their English originals"
+                                                                          if code != "en" else ""))
+    if ct:
+        metrics.append("target-language perplexity")
+    metrics += [f"lm-eval {task}" for task in ev.lm_eval]
+    return metrics
+
+
+def missing_packages(loaded) -> list:
+    """ConfigErrors for optional packages the profile needs and this environment lacks, each naming the fix."""
+    tasks = loaded.profile.eval.lm_eval
+    if tasks and not lm_eval_installed():
+        return [loaded.where("eval.lm_eval").error(f"lm-eval tasks {', '.join(tasks)} need lm-eval, which is not "
+                                                    f"installed: pip install -e \".[eval]\" (or set it to [])")]
+    return []
 
 
 def _file_name(name: str) -> str:
@@ -224,13 +248,16 @@ def write_results(rows: dict, models: dict, tasks: list, out_dir: Path, notes: l
 
 # ----- lm-eval (optional)
 
+def lm_eval_installed() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
 def lm_eval_unavailable(tasks) -> str | None:
     """Why lm-eval tasks cannot run here (not installed, hub switched off), or None."""
-    import importlib.util
     import os
 
     skipped = ", ".join(tasks)
-    if importlib.util.find_spec("lm_eval") is None:
+    if not lm_eval_installed():
         return f"lm-eval is not installed (pip install -e \".[eval]\"); skipped: {skipped}"
     if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return f"the Hugging Face Hub is switched off here (HF_HUB_OFFLINE); lm-eval tasks skipped: {skipped}"

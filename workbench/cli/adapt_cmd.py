@@ -14,7 +14,8 @@ from pathlib import Path
 
 from workbench.cli.common import add_config_arguments, add_run_dir_argument, load_config, run_dir_of
 from workbench.outputs import check_apart
-from workbench.pipelines.adapt import build_graph, eval_models, missing_packages
+from workbench.pipelines.adapt import build_graph, eval_models
+from workbench.pipelines.evaluate import missing_packages
 from workbench.pipelines.runner import clock
 from workbench.report import export_summary
 
