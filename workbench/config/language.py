@@ -69,6 +69,10 @@ class ModelSource:
     description: Optional[str] = option(None)
     provenance: Optional[str] = option(None, doc="the hub model (OWNER/NAME[@REVISION]) a gguf or local copy "
                                                  "comes from; model cards name it")
+    allow_pickle: Optional[Literal["weights_only"]] = option(
+        None, doc="read a model released only as pickled *.bin/*.pt weights: loaded with "
+                  "torch.load(weights_only=True) (tensors only, never code) and converted once to safetensors "
+                  "in the cache; without it pickles are refused")
 
     def validate(self, where: Where):
         exactly_one(self, ("hub", "path", "gguf"), where)
@@ -77,6 +81,9 @@ class ModelSource:
             raise (where / "hub").error(f"{problem}, got {self.hub!r}")
         if self.package is not None and self.gguf is None:
             raise (where / "package").error("a package carries a gguf file; expected the key gguf too")
+        if self.allow_pickle is not None and self.gguf is not None:
+            raise (where / "allow_pickle").error("a GGUF file holds no pickles; expected allow_pickle only on a "
+                                                 "hub or path source")
         if self.provenance is not None:
             repo = self.provenance.partition("@")[0]
             if repo.count("/") != 1 or not all(repo.split("/")) or " " in self.provenance:
