@@ -92,15 +92,15 @@ def tasks_from_config(loaded, *, heldout_docs=None, mgsm_path=None) -> list:
     if rows is not None:
         samples = ev.mgsm.samples if ev.mgsm is not None else len(rows)
         tasks.append(TaskSet(name, tuple(sample_items(rows, samples, MGSM_SAMPLE_SEED)), fmt, lang.digits, ev.n_shot))
-    if ev.generated_problems:
+    if ev.generated_problems and ev.generated_in == "target_and_english":
         if lang.code not in supported_languages():
             raise loaded.where("eval.generated_problems").error(
                 f"no word-problem templates for {lang.code!r} (supported: {', '.join(supported_languages())}); "
-                f"set it to 0")
+                f"set eval.generated_in: english (English retention only) or eval.generated_problems: 0")
         tasks.append(generated_task(lang.code, ev.generated_problems, ev.generated_seed, fmt=fmt,
                                     digits=lang.digits, n_shot=ev.n_shot))
-        if lang.code != "en":
-            tasks.append(generated_task("en", ev.generated_problems, ev.generated_seed, n_shot=ev.n_shot))
+    if ev.generated_problems and lang.code != "en":
+        tasks.append(generated_task("en", ev.generated_problems, ev.generated_seed, n_shot=ev.n_shot))
     if heldout_docs:
         tasks.append(PerplexitySet(f"perplexity_{lang.code}", tuple(heldout_docs[:ev.perplexity_docs])))
     return tasks
@@ -111,7 +111,9 @@ def evaluated_metrics(loaded, ct: bool) -> list:
     stages (their held-out split)."""
     ev, code = loaded.profile.eval, loaded.language.code
     metrics = [f"MGSM ({ev.mgsm.samples} items)"] if ev.mgsm is not None else []
-    if ev.generated_problems:
+    if ev.generated_problems and ev.generated_in == "english":
+        metrics.append(f"{ev.generated_problems} generated English problems (retention)")
+    elif ev.generated_problems:
         metrics.append(f"{ev.generated_problems} generated problems" + (" and their English originals"
                                                                           if code != "en" else ""))
     if ct:

@@ -148,6 +148,8 @@ class TokenizerConfig:
     sp_model_type: Literal["bpe", "unigram"] = option("bpe", doc="sentencepiece model type")
     min_chars_per_token: float = number(0.6, lo=0, lo_open=True,
                                         doc="below this, the report recommends vocabulary extension")
+    max_tokens_per_word: float = number(4.0, lo=1, doc="above this (scripts with spaces between words), the "
+                                                       "report recommends vocabulary extension")
 
 
 @dataclass(kw_only=True)
@@ -250,6 +252,9 @@ class MgsmEvalConfig:
 class EvalConfig:
     perplexity_docs: int = number(40, lo=1, doc="held-out documents scored for perplexity")
     generated_problems: int = number(40, lo=0, doc="generated problems per language (target and English)")
+    generated_in: Literal["target_and_english", "english"] = option(
+        "target_and_english", doc="english: only the English problems (task retention), for a language without "
+                                  "word-problem templates")
     generated_seed: int = number(1234, lo=0)
     mgsm: Optional[MgsmEvalConfig] = option(None)
     n_shot: int = number(0, lo=0)
