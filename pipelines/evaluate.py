@@ -203,7 +203,8 @@ def evaluate_models(models: dict[str, Path], *, tasks: list, out_dir, settings: 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not tasks and not settings.lm_eval:
         raise ConfigError("nothing to evaluate: no MGSM-format task, held-out text or lm-eval task given")
-    lm_eval_note = lm_eval_unavailable(settings.lm_eval) if settings.lm_eval else None
+    lm_eval_note = (lm_eval_unavailable(settings.lm_eval, local_tasks=settings.lm_eval_include is not None)
+                    if settings.lm_eval else None)
     notes = [lm_eval_note] if lm_eval_note else []
     rows, files = {}, {}
     for name, path in models.items():
@@ -219,7 +220,8 @@ def evaluate_models(models: dict[str, Path], *, tasks: list, out_dir, settings: 
             rows[name] = evaluate_model(Path(path), tasks, settings, model_dir, log)
             if settings.lm_eval and not lm_eval_note:
                 try:
-                    rows[name].update(run_lm_eval(Path(path), settings.lm_eval, settings.batch_size))
+                    rows[name].update(run_lm_eval(Path(path), settings.lm_eval, settings.batch_size,
+                                                  include=settings.lm_eval_include))
                 except (MissingDependencyError, HubUnavailableError) as e:
                     lm_eval_note = str(e)
                     notes.append(lm_eval_note)
@@ -254,34 +256,44 @@ def lm_eval_installed() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def lm_eval_unavailable(tasks) -> str | None:
-    """Why lm-eval tasks cannot run here (not installed, hub switched off), or None."""
+def lm_eval_unavailable(tasks, *, local_tasks: bool = False) -> str | None:
+    """Why lm-eval tasks cannot run here (not installed, hub switched off), or None. With `local_tasks` (an
+    include folder of the user's own tasks, whose data may be local files) a switched-off hub is no reason."""
     import os
 
     skipped = ", ".join(tasks)
     if not lm_eval_installed():
         return f"lm-eval is not installed (pip install -e \".[eval]\"); skipped: {skipped}"
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if not local_tasks and any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return f"the Hugging Face Hub is switched off here (HF_HUB_OFFLINE); lm-eval tasks skipped: {skipped}"
     return None
 
 
-def run_lm_eval(path: Path, tasks, batch_size: int) -> dict:
-    """lm-eval's standard tasks on one model directory, as table records `<task> (<metric>)`."""
+def run_lm_eval(path: Path, tasks, batch_size: int, *, include=None) -> dict:
+    """lm-eval tasks on one model directory, as table records `<task> (<metric>)`: its standard tasks, and
+    those defined in the folder `include` (task YAMLs, lm-eval's `include_path`)."""
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise MissingDependencyError("lm-eval is not installed: pip install -e \".[eval]\"") from None
+    if include is not None and not Path(include).is_dir():
+        raise ConfigError(f"eval.lm_eval_include: {include} is not a folder (expected lm-eval task YAMLs)")
     try:
+        import torch
+
+        # lm-eval's HF model asks for CUDA unless told otherwise: on a machine without it, the CPU.
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=list(tasks),
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
+                                      task_manager=TaskManager(include_path=str(include)) if include else None)
     except (ConnectionError, OSError) as e:
         raise HubUnavailableError(f"lm-eval could not reach the Hugging Face Hub for {', '.join(tasks)} "
                                   f"({type(e).__name__}: {e}); skipped") from None
     records = {}
     for task, metrics in (out or {}).get("results", {}).items():
         for key, value in metrics.items():
-            if "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            # Metrics are keyed "metric,filter"; "sample_len" and "alias" are not results.
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _, filt = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")

@@ -261,6 +261,8 @@ class EvalConfig:
     max_new_tokens: int = number(48, lo=1)
     batch_size: int = number(8, lo=1)
     lm_eval: list[str] = option(default_factory=list, doc="lm-eval task names, when lm-eval and the hub are there")
+    lm_eval_include: Optional[str] = option(None, doc="a folder of your own lm-eval task YAMLs (relative to the "
+                                                      "language file); tasks whose data is local run offline")
 
 
 @dataclass(kw_only=True)
