@@ -19,6 +19,7 @@ from workbench.merge.engine import run_merge
 from workbench.pipelines.corpus import read_heldout, source_inputs, write_blocks, write_corpus_text
 from workbench.pipelines.evaluate import evaluate_models, evaluated_metrics, tasks_from_config
 from workbench.pipelines.fetch import fetch_profile, profile_sources
+from workbench.pipelines.memory import base_shape, stage_memory_lines, visible_gpus
 from workbench.pipelines.pretrain import train_language_expert
 from workbench.pipelines.prompts import PromptFormat
 from workbench.pipelines.publish import add_export_stage, merge_card, refresh_merge_cards
@@ -47,11 +48,13 @@ def _describe_source(source) -> str:
     return source.label() + (" (access agreement needed)" if source.gated else "")
 
 
-def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
+def build_graph(loaded, run_dir: Path, *, callbacks=(), gpus=None) -> RunGraph:
     """The stages of one run of `loaded` (a LoadedConfig) under `run_dir`; `callbacks` (transformers
-    TrainerCallbacks) go to every training stage."""
+    TrainerCallbacks) go to every training stage. Each training stage's plan lines hold its memory per GPU
+    on `gpus` (a `memory.Gpus`; default: the visible ones)."""
     profile = loaded.profile
     graph = RunGraph(run_dir)
+    memory = _memory_notes(loaded, gpus or visible_gpus())
     le = profile.language_expert
     ct = le.fetch is None and le.sft is None
     sources = profile_sources(profile)
@@ -67,11 +70,11 @@ def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
                                                                for r, (_, s) in sources.items()),
                         downloads=tuple(hub_ids)))
     if ct:
-        _add_ct_stages(graph, loaded, source_inputs, callbacks)
+        _add_ct_stages(graph, loaded, source_inputs, callbacks, memory)
     else:
-        _add_other_language_expert(graph, loaded, callbacks)
+        _add_other_language_expert(graph, loaded, callbacks, memory)
     for name, expert in profile.experts.items():
-        _add_task_expert(graph, loaded, name, expert, callbacks)
+        _add_task_expert(graph, loaded, name, expert, callbacks, memory)
     expert_stages = tuple(f"expert:{n}" for n in profile.experts)
     _add_analysis(graph, loaded, expert_stages)
     for name, recipe in profile.merges.items():
@@ -82,7 +85,21 @@ def build_graph(loaded, run_dir: Path, *, callbacks=()) -> RunGraph:
     return graph
 
 
-def _add_ct_stages(graph, loaded, source_inputs, callbacks):
+def _memory_notes(loaded, gpus):
+    """`notes(stage, train, seq_len)`: a training stage's memory lines for the plan (no model is loaded)."""
+    shape, origin = base_shape(loaded.profile.base, loaded.base_dir)
+    extended = " (before the vocabulary extension's new rows)" if loaded.profile.tokenizer.extend_vocab else ""
+
+    def notes(stage, train, seq_len):
+        if shape is None:
+            return (f"memory per GPU: {origin}",)
+        lines = stage_memory_lines(shape, train, seq_len=seq_len, gpus=gpus, stage=stage)
+        return (*lines, f"  model shape from {origin}{extended}")
+
+    return notes
+
+
+def _add_ct_stages(graph, loaded, source_inputs, callbacks, memory):
     profile = loaded.profile
     cfg = profile.corpus
     names = list(cfg.sources) + (list(cfg.replay.sources) if cfg.replay else [])
@@ -132,11 +149,11 @@ def _add_ct_stages(graph, loaded, source_inputs, callbacks):
 
     graph.add(StageSpec("language_expert", {"pretrain": to_dict(p), "v": VERSION}, pretrain,
                         deps=("tokenizer", "blocks"), all_processes=True,
-                        describe=f"continual pretraining ({p.method}, {p.max_steps} steps of "
+                        notes=memory("language_expert", p, cfg.block_size), describe=f"continual pretraining ({p.method}, {p.max_steps} steps of "
                                  f"{p.batch_size * p.grad_accum} x {profile.corpus.block_size} tokens)"))
 
 
-def _add_other_language_expert(graph, loaded, callbacks):
+def _add_other_language_expert(graph, loaded, callbacks, memory):
     profile = loaded.profile
     le = profile.language_expert
     if le.fetch is not None:
@@ -156,10 +173,11 @@ def _add_other_language_expert(graph, loaded, callbacks):
     hub = (le.sft.data.hub,) if le.sft.data.hub else ()
     graph.add(StageSpec("language_expert", {"sft": to_dict(le.sft), "v": VERSION}, sft, deps=("fetch",),
                         all_processes=True, downloads=hub,
+                        notes=memory("language_expert", le.sft.train, le.sft.max_length),
                         describe=f"SFT on target-language instructions ({le.sft.train.method})"))
 
 
-def _add_task_expert(graph, loaded, name, expert, callbacks):
+def _add_task_expert(graph, loaded, name, expert, callbacks, memory):
     profile = loaded.profile
     if expert.fetch is not None:
         def fetched(stage, deps):
@@ -179,7 +197,8 @@ def _add_task_expert(graph, loaded, name, expert, callbacks):
     what = f"{data.generated} generated {data.lang} word problems" if data.generated else (data.hub or data.path)
     graph.add(StageSpec(f"expert:{name}", {"sft": to_dict(expert.sft), "v": VERSION}, sft, deps=("fetch",),
                         describe=f"{expert.task} expert: SFT ({expert.sft.train.method}) on {what}",
-                        downloads=(data.hub,) if data.hub else (), all_processes=True))
+                        downloads=(data.hub,) if data.hub else (), all_processes=True,
+                        notes=memory(f"expert:{name}", expert.sft.train, expert.sft.max_length)))
 
 
 def _add_analysis(graph, loaded, expert_stages):

@@ -35,6 +35,7 @@ class StageSpec:
     deps: tuple = ()
     describe: str = ""  # one line for --dry-run
     downloads: tuple = ()  # hub ids this stage would fetch (for --dry-run)
+    notes: tuple = ()  # more lines for --dry-run (a training stage's memory per GPU)
     group: str = ""  # the stage kind users name in --from/--only (e.g. "merge" for "merge:ties")
     all_processes: bool = False  # under accelerate, every process runs it (training); else the main one alone
 
@@ -101,6 +102,7 @@ class RunGraph:
             lines.append(f"{i:>2}. {spec.name:<24} [{state}] {spec.describe}")
             for hub_id in spec.downloads:
                 lines.append(f"      would download: {hub_id}")
+            lines.extend(f"      {note}" for note in spec.notes)
         return lines
 
     def execute(self, *, from_stage=None, only=None, until=None, log=print) -> dict:

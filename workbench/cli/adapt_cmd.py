@@ -18,6 +18,7 @@ from workbench.outputs import check_apart
 from workbench.pipelines.adapt import build_graph, eval_models
 from workbench.pipelines.evaluate import missing_packages
 from workbench.pipelines.fetch import allow_pickles, fetch_profile
+from workbench.pipelines.memory import parse_gpus
 from workbench.pipelines.runner import clock
 from workbench.report import export_summary
 
@@ -31,6 +32,8 @@ def add_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="print the plan; no network, nothing written")
     parser.add_argument("--fast", action="store_true", help="the profile's small variant (for tests)")
     add_allow_pickle_argument(parser)
+    parser.add_argument("--gpus", metavar="COUNTxGIB", help="plan the training stages' memory for these GPUs, "
+                        "e.g. 8x80 (all nodes together); default: the visible ones")
 
 
 def run(args):
@@ -38,7 +41,7 @@ def run(args):
     if args.allow_pickle:
         allow_pickles(loaded.profile)
     run_dir = run_dir_of(args, loaded)
-    graph = build_graph(loaded, run_dir)
+    graph = build_graph(loaded, run_dir, gpus=parse_gpus(args.gpus) if args.gpus else None)
     fetch_profile(loaded, run_dir, dry_run=True)  # a local model fetch would refuse fails now, not after hours
     missing = missing_packages(loaded)
     if missing and not args.dry_run:
