@@ -3,8 +3,11 @@
 safetensors model with its tokenizer.
 
 The caller brings the data (datasets and a collator); everything else is a `TrainConfig`. The same code runs
-in one process or under `accelerate launch` (DDP): the Trainer shards the batches, and only the main
-process writes the model and the stage record.
+in one process or under `accelerate launch`: with DDP the Trainer shards the batches, and only the main
+process writes the model and the stage record; with FSDP (an accelerate config of `configs/accelerate/`) the
+Trainer also shards the weights, gradients and optimizer state and writes sharded checkpoints, and at the end
+every process takes part in gathering the full weights, which the main process writes as the same
+safetensors model.
 """
 import math
 import os
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.errors import ConfigError
+from workbench.errors import CheckpointError, ConfigError
 from workbench.pipelines.processes import barrier, is_main_process
 from workbench.pipelines.stage import write_json_atomic
 
@@ -81,10 +84,36 @@ def load_trainable_model(model_dir, cfg):
     return model
 
 
+def fsdp_launched() -> bool:
+    """`accelerate launch` with an FSDP config (it sets these variables for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_checkpoints_activations() -> bool:
+    """The FSDP config checkpoints activations itself (`fsdp_activation_checkpointing: true`)."""
+    return fsdp_launched() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+
+
+def require_fsdp_applied(trainer) -> None:
+    """Fail before training when accelerate was launched with FSDP but the Trainer runs without it: accelerate
+    applies FSDP only to GPU (and other accelerator) processes and silently runs plain DDP on CPU processes,
+    where every process would hold the whole model, its gradients and its optimizer state."""
+    if fsdp_launched() and not trainer.is_fsdp_enabled:
+        import accelerate
+
+        kind = trainer.accelerator.state.distributed_type
+        raise ConfigError(f"accelerate was launched with an FSDP config (ACCELERATE_USE_FSDP=true), but accelerate "
+                          f"{accelerate.__version__} does not apply FSDP to these processes ({kind}; it shards "
+                          f"only on GPUs and other accelerators), so each would hold the whole model; launch it on "
+                          f"GPUs, or without the FSDP config (DDP)")
+
+
 def checkpointing_arguments(enabled: bool) -> dict:
-    """Gradient (activation) checkpointing, under the argument names this transformers version uses."""
+    """Gradient (activation) checkpointing, under the argument names this transformers version uses. Under an
+    FSDP config that checkpoints activations itself the Trainer's stays off (the Trainer refuses both)."""
     from transformers import TrainingArguments
 
+    enabled = enabled and not fsdp_checkpoints_activations()
     name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
@@ -195,6 +224,7 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
     timer = timer_cls()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=collator, processing_class=tokenizer, callbacks=[timer, *callbacks])
+    require_fsdp_applied(trainer)
     use_step_log(trainer, stage_dir.name)
     if checkpoint and is_main_process():
         print(f"resuming from {checkpoint}")
@@ -212,13 +242,57 @@ def train_and_save(model_dir, tokenizer, cfg, stage_dir, *, train_dataset, eval_
         summary.update(initial_eval_loss=evals[0]["eval_loss"], initial_perplexity=evals[0]["eval_perplexity"],
                        initial_eval_step=evals[0]["step"], final_eval_loss=evals[-1]["eval_loss"],
                        final_perplexity=evals[-1]["eval_perplexity"])
-    merged = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
+    merged = trained_model(trainer, model_dir, cfg)  # under FSDP every process takes part, the main one gets it
     if is_main_process():
         save_model_atomic(merged.to(stored_dtype(model_dir)), tokenizer, stage_dir / MODEL)
         write_json_atomic(stage_dir / "log_history.json", state.log_history)
         shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
     barrier()
     return summary
+
+
+def trained_model(trainer, model_dir, cfg):
+    """The trained model with LoRA merged in, whole: the Trainer's own model, or under FSDP one rebuilt from
+    the gathered full state dict (on the main process; the others return None)."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
+    state = full_state_dict(trainer.model)
+    return model_from_state_dict(model_dir, cfg, state) if is_main_process() else None
+
+
+def full_state_dict(model) -> dict:
+    """The full (unsharded) state dict of a model sharded by FSDP (1 or 2), on the CPU of the main process
+    (empty elsewhere). A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def model_from_state_dict(model_dir, cfg, state: dict):
+    """`model_dir`'s architecture (+ the LoRA of `cfg`) built without allocating its parameters (on the meta
+    device; buffers such as the rotary tables are real) and given the tensors of `state`; LoRA merged in. A
+    missing or unexpected key fails (strict)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if cfg.method == "lora":
+            model = get_peft_model(model, lora_config(cfg, model))
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{model_dir}: the gathered state dict has no {', '.join(left[:3])}; cannot rebuild "
+                              f"the trained model")
+    if cfg.method == "lora":
+        model = model.merge_and_unload()
+    if getattr(model.config, "tie_word_embeddings", False):
+        # `assign` gave the head a tensor of its own (equal to the embeddings); transformers' tie_weights
+        # refuses an assigned parameter, so tie by hand.
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model
 
 
 def print_summary(what: str, s: dict, model_dir, eval_label="held-out perplexity") -> None:
