@@ -101,7 +101,7 @@ def require_fsdp_applied(trainer) -> None:
     if fsdp_launched() and not trainer.is_fsdp_enabled:
         import accelerate
 
-        kind = trainer.accelerator.state.distributed_type
+        kind = getattr(trainer.accelerator.state.distributed_type, "value", "unknown")
         raise ConfigError(f"accelerate was launched with an FSDP config (ACCELERATE_USE_FSDP=true), but accelerate "
                           f"{accelerate.__version__} does not apply FSDP to these processes ({kind}; it shards "
                           f"only on GPUs and other accelerators), so each would hold the whole model; launch it on "
