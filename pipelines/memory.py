@@ -11,13 +11,15 @@ It is an estimate: it leaves out the CUDA context, the allocator's fragmentation
 buffers (hence `FIT_SHARE`), and errs high for LoRA, whose bf16 residual stream is smaller than counted.
 """
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.config.language import ModelSource
-from workbench.errors import ConfigError
+from workbench.errors import CheckpointError, ConfigError, MissingDependencyError
 from workbench.pipelines.fetch import cached_hub_snapshot, gguf_path
+from workbench.pipelines.training import fsdp_launched
 from workbench.provenance import cache_dir
 
 GIB = 2**30
@@ -101,13 +103,14 @@ def parse_gpus(text: str) -> Gpus:
 
 
 def visible_gpus() -> Gpus | None:
-    """The CUDA devices this process sees (the smallest one's memory), or None."""
+    """The CUDA devices this process sees (the smallest one's memory), or None. Under `accelerate launch` on
+    several nodes the count is the launch's processes (WORLD_SIZE), one GPU each."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         return None
     sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-    return Gpus(len(sizes), min(sizes), "visible")
+    return Gpus(max(len(sizes), int(os.environ.get("WORLD_SIZE", "1"))), min(sizes), "visible")
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def local_config(source: ModelSource, base_dir: Path) -> Path | None:
     else:
         try:
             gguf = gguf_path(source, base_dir)
-        except Exception:  # noqa: BLE001 - the fetch plan reports a missing GGUF; the estimate just has no shape
+        except (CheckpointError, MissingDependencyError):  # the fetch plan reports it; here there is no shape
             return None
         found = sorted((cache_dir() / "gguf").glob(f"{gguf.stem}-*/config.json"))
     return next((f for f in found if f.is_file()), None)
@@ -251,10 +254,11 @@ def stage_memory_lines(shape: ModelShape, train, *, seq_len: int, gpus: Gpus | N
     lines = [f"{head}; {gpus.label()}):",
              f"  DDP, each GPU the whole model: {ddp.describe()} -> {_verdict(ddp, gpus)}"]
     fsdp = None
+    launched = " (this launch)" if fsdp_launched() else ""
     if gpus.count > 1:
         fsdp = training_memory(shape, train, seq_len=seq_len, processes=gpus.count, strategy="fsdp")
-        lines.append(f"  FSDP full shard over {gpus.count}: {fsdp.describe()} -> {_verdict(fsdp, gpus)}")
-    if not ddp.fits(gpus.bytes):
+        lines.append(f"  FSDP full shard over {gpus.count}{launched}: {fsdp.describe()} -> {_verdict(fsdp, gpus)}")
+    if not ddp.fits(gpus.bytes) and not (launched and fsdp is not None and fsdp.fits(gpus.bytes)):
         lines.append(f"  warning: {stage} {_fix(shape, train, seq_len, gpus, fsdp)}")
     return lines
 

@@ -157,6 +157,9 @@ class RunGraph:
     def _run(self, spec: StageSpec, stage: Stage, records: dict, *, fresh: bool, main: bool, say) -> dict:
         """Run one stage (in the main process, or in all of them for `all_processes`); returns its record."""
         say(spec.describe)
+        for note in spec.notes:  # what --dry-run warned of (e.g. a training stage that cannot fit its GPUs)
+            if note.strip().startswith("warning:"):
+                say(note.strip())
         started = time.perf_counter()
         if main:
             stage.start(fresh=fresh)

@@ -138,3 +138,10 @@ def test_an_unknown_base_waits_for_the_fetch(tmp_path):
     loaded = load_language("sw", profile="paper-layer-swap", overrides=["base={hub: someone/unknown-7b}"])
     notes = _notes(build_graph(loaded, tmp_path / "run"), "language_expert")
     assert notes == ("memory per GPU: shape unknown until the base is fetched",)
+
+
+def test_under_an_fsdp_launch_the_plan_does_not_warn(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    loaded = load_language("sw", profile="paper-layer-swap")
+    text = "\n".join(_notes(build_graph(loaded, tmp_path / "run", gpus=Gpus(8, 80 * GIB, "stated")), "expert:math"))
+    assert "FSDP full shard over 8 (this launch): 38.4 GiB" in text and "warning" not in text
