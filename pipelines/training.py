@@ -279,8 +279,14 @@ def model_from_state_dict(model_dir, cfg, state: dict):
     config = AutoConfig.from_pretrained(str(model_dir))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        if cfg.method == "lora":
-            model = get_peft_model(model, lora_config(cfg, model))
+    if getattr(config, "tie_word_embeddings", False):
+        # Tied as from_pretrained ties them (LoRA then keeps the tie); outside init_empty_weights, which would
+        # register a copy.
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if cfg.method == "lora":
+        with warnings.catch_warnings():  # peft's is_gradient_checkpointing read, as in load_trainable_model
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora_config(cfg, model))  # the adapters are made on their layers' meta
     model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -112,3 +112,30 @@ def test_an_fsdp_launch_that_accelerate_runs_as_ddp_is_refused(tmp_path, tiny_ll
     assert "accelerate was launched with an FSDP config (ACCELERATE_USE_FSDP=true), but accelerate" in log, log[-3000:]
     assert "(MULTI_CPU; it shards only on GPUs and other accelerators)" in log, log[-3000:]
     assert "step 1/2" not in log and "wrote the model to" not in log
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_a_gathered_lora_state_dict_becomes_the_merged_model(tmp_path, tiny_llama_factory, tie):
+    """What the main process does with the gathered state dict of a LoRA run (adapters and trained embedding
+    copies): the rebuilt, merged model computes what the trained LoRA model computes, ties kept."""
+    from peft import get_peft_model
+
+    from workbench.config.language import LoraSettings, TrainConfig
+    from workbench.pipelines.training import full_state_dict, lora_config, model_from_state_dict
+
+    base_dir, _ = tiny_llama_factory("base", tie=tie)
+    cfg = TrainConfig(method="lora", lora=LoraSettings(rank=4, dropout=0.0, train_embeddings=True))
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    trained = get_peft_model(base, lora_config(cfg, base)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:  # as if trained: B away from zero, the embedding copies moved
+                p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    ids = torch.randint(0, 512, (2, 12), generator=generator)
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        rebuilt = model_from_state_dict(base_dir, cfg, full_state_dict(trained)).eval()
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight) == tie
+    assert not any(t.is_meta for t in rebuilt.state_dict().values())
