@@ -149,7 +149,8 @@ def _add_ct_stages(graph, loaded, source_inputs, callbacks, memory):
 
     graph.add(StageSpec("language_expert", {"pretrain": to_dict(p), "v": VERSION}, pretrain,
                         deps=("tokenizer", "blocks"), all_processes=True,
-                        notes=memory("language_expert", p, cfg.block_size), describe=f"continual pretraining ({p.method}, {p.max_steps} steps of "
+                        notes=memory("language_expert", p, cfg.block_size),
+                        describe=f"continual pretraining ({p.method}, {p.max_steps} steps of "
                                  f"{p.batch_size * p.grad_accum} x {profile.corpus.block_size} tokens)"))
 
 

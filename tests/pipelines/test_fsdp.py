@@ -103,7 +103,8 @@ def test_an_fsdp_launch_that_accelerate_runs_as_ddp_is_refused(tmp_path, tiny_ll
     ct = "language_expert.pretrain"
     overrides = ["corpus.block_size=64", "corpus.max_tokens=4000", f"{ct}.method=full", f"{ct}.max_steps=2",
                  f"{ct}.batch_size=2", f"{ct}.precision=fp32", f"{ct}.gradient_checkpointing=true"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp_1node_8gpu.yaml"),
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(CONFIGS / "fsdp_1node_8gpu.yaml"),
               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
     out = subprocess.run(["nice", "-n", "10", *launch, str(HERE / "ddp_pretrain_run.py"), str(base_dir), str(run_dir),
                           *overrides], env=CPU_ENV, capture_output=True, text=True, timeout=120)
