@@ -57,7 +57,10 @@ def write_random_llama(out: Path, size: str, seed: int, base_seed: int | None = 
                          tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with ShardedWriter(out, plan, max_shard_bytes=1 << 30,
                        extra_files={"config.json": config.to_json_string()}) as writer:
+        pending = set(writer.pending())  # an interrupted generation resumes; each tensor's seed is its index
         for i, (name, shape) in enumerate(names):
+            if name not in pending:
+                continue
             gen = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100003 + i)
             t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
             if base_seed is not None:
