@@ -226,7 +226,8 @@ def _add_merge(graph, loaded, name, recipe, expert_stages):
 
     deps = ("fetch", "language_expert") + tuple(s for s in expert_stages if s.split(":")[1] in recipe.references())
     graph.add(StageSpec(f"merge:{name}", {"recipe": to_dict(recipe), "v": VERSION}, merge, deps=deps,
-                        describe=f"{recipe.method} of {', '.join(recipe.references())}" + _baseline_note(profile, name)))
+                        describe=f"{recipe.method} of {', '.join(recipe.references())}"
+                                 + _baseline_note(profile, name)))
 
 
 def eval_models(deps: dict, profile) -> dict:

@@ -129,7 +129,8 @@ def comparison_statements(comparisons: list, pairs: list) -> list[str]:
             quiet.append(merge)
             continue
         rest = len(mine) - len(found)
-        lines.append(f"**{merge}**: " + "; ".join(f"vs {c['b']}, {describe_comparison(c)}: {c['verdict']}" for c in found)
+        found_text = "; ".join(f"vs {c['b']}, {describe_comparison(c)}: {c['verdict']}" for c in found)
+        lines.append(f"**{merge}**: {found_text}"
                      + (f"; no detectable difference in its {rest} other comparisons" if rest else "") + ".")
     if quiet and comparisons:
         others = list(dict.fromkeys(b for a, b in pairs if a in quiet))
