@@ -67,7 +67,8 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # lm-eval too: its bridge is tested on a local task (tests/pipelines/test_evaluate.py)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "lm-eval>=0.4.13"],
         # lm-eval's standard tasks (eval.lm_eval, --lm-eval); its base install asks for no torch, so the
         # CPU build stays
         "eval": ["lm-eval>=0.4.13"],

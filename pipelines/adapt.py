@@ -9,6 +9,7 @@ stage is keyed by its settings and its dependencies' keys (`runner.RunGraph`) an
 checkpoints, merge shards). Evaluation keeps one more folder, `<run>/evaluation/`, with each model's scores
 keyed by that model's files, so a changed merge does not evaluate the other models again.
 """
+from dataclasses import replace
 from pathlib import Path
 
 from workbench.analysis import analyze_models, write_analysis
@@ -254,8 +255,11 @@ def _add_evaluation(graph, loaded, run_dir, expert_stages, ct):
             heldout = read_heldout(deps["blocks"]["outputs"]["corpus_stage"])
         tasks = tasks_from_config(loaded, heldout_docs=heldout)
         # One folder for the whole run: a model evaluated earlier with the same inputs is not evaluated again.
+        settings = profile.eval
+        if settings.lm_eval_include is not None:  # relative to the language file, like every path of a profile
+            settings = replace(settings, lm_eval_include=str(loaded.base_dir / settings.lm_eval_include))
         table = evaluate_models(eval_models(deps, profile), tasks=tasks, out_dir=run_dir / "evaluation",
-                                settings=profile.eval)
+                                settings=settings)
         return {"table": table["files"]["table_json"], "markdown": table["files"]["table_md"],
                 "plot": table["files"]["plot"]}
 

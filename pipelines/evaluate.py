@@ -155,15 +155,18 @@ def tasks_from_config(loaded, *, heldout_docs=None, mgsm_path=None) -> list:
         tasks.append(TaskSet(name, tuple(sample_items(rows, samples, MGSM_SAMPLE_SEED)), fmt, lang.digits, ev.n_shot))
         solutions = mgsm_solutions(name, rows, nll, fmt, ev.n_shot) if nll else None
         tasks += [solutions] if solutions else []
-    if ev.generated_problems and lang.code not in supported_languages():
+    target_generated = ev.generated_in == "target_and_english"
+    if ev.generated_problems and target_generated and lang.code not in supported_languages():
         raise loaded.where("eval.generated_problems").error(
             f"no word-problem templates for {lang.code!r} (supported: {', '.join(supported_languages())}); "
-            f"set it to 0")
-    for code, code_fmt in [(lang.code, fmt)] + ([("en", ENGLISH_FORMAT)] if lang.code != "en" else []):
+            f"set eval.generated_in: english (English retention only) or eval.generated_problems: 0")
+    sets = [(lang.code, fmt)] if target_generated and lang.code in supported_languages() else []
+    sets += [("en", ENGLISH_FORMAT)] if lang.code != "en" else []
+    for code, code_fmt in sets:
         if ev.generated_problems:
             tasks.append(generated_task(code, ev.generated_problems, ev.generated_seed, fmt=code_fmt,
                                         digits=lang.digits if code == lang.code else None, n_shot=ev.n_shot))
-        if nll and lang.code in supported_languages():
+        if nll and ev.generated_problems:  # generated_problems: 0 switches generated problems off altogether
             tasks.append(generated_solutions(code, nll, ev.generated_seed, fmt=code_fmt, n_shot=ev.n_shot))
     if heldout_docs:
         tasks.append(PerplexitySet(f"perplexity_{lang.code}", tuple(heldout_docs[:ev.perplexity_docs])))
@@ -175,11 +178,14 @@ def evaluated_metrics(loaded, ct: bool) -> list:
     stages (their held-out split)."""
     ev, code = loaded.profile.eval, loaded.language.code
     metrics = [f"MGSM ({ev.mgsm.samples} items)"] if ev.mgsm is not None else []
-    if ev.generated_problems:
+    if ev.generated_problems and ev.generated_in == "english":
+        metrics.append(f"{ev.generated_problems} generated English problems (retention)")
+    elif ev.generated_problems:
         metrics.append(f"{ev.generated_problems} generated problems" + (" and their English originals"
                                                                           if code != "en" else ""))
-    nll_sets = (["MGSM"] if ev.mgsm is not None else []) + (
-        ["generated"] + (["English generated"] if code != "en" else []) if code in supported_languages() else [])
+    generated = ((["generated"] if ev.generated_in == "target_and_english" and code in supported_languages() else [])
+                 + (["English generated"] if code != "en" else [])) if ev.generated_problems else []
+    nll_sets = (["MGSM"] if ev.mgsm is not None else []) + generated
     if ev.solution_nll_items and nll_sets:
         metrics.append(f"solution NLL on {ev.solution_nll_items} items each of {', '.join(nll_sets)} problems")
     if ct:
@@ -290,7 +296,8 @@ def evaluate_models(models: dict[str, Path], *, tasks: list, out_dir, settings: 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not tasks and not settings.lm_eval:
         raise ConfigError("nothing to evaluate: no MGSM-format task, held-out text or lm-eval task given")
-    lm_eval_note = lm_eval_unavailable(settings.lm_eval) if settings.lm_eval else None
+    lm_eval_note = (lm_eval_unavailable(settings.lm_eval, local_tasks=settings.lm_eval_include is not None)
+                    if settings.lm_eval else None)
     notes = [lm_eval_note] if lm_eval_note else []
     rows, files = {}, {}
     for name, path in models.items():
@@ -306,7 +313,8 @@ def evaluate_models(models: dict[str, Path], *, tasks: list, out_dir, settings: 
             rows[name] = evaluate_model(Path(path), tasks, settings, model_dir, log)
             if settings.lm_eval and not lm_eval_note:
                 try:
-                    rows[name].update(run_lm_eval(Path(path), settings.lm_eval, settings.batch_size))
+                    rows[name].update(run_lm_eval(Path(path), settings.lm_eval, settings.batch_size,
+                                                  include=settings.lm_eval_include))
                 except (MissingDependencyError, HubUnavailableError) as e:
                     lm_eval_note = str(e)
                     notes.append(lm_eval_note)
@@ -345,34 +353,44 @@ def lm_eval_installed() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def lm_eval_unavailable(tasks) -> str | None:
-    """Why lm-eval tasks cannot run here (not installed, hub switched off), or None."""
+def lm_eval_unavailable(tasks, *, local_tasks: bool = False) -> str | None:
+    """Why lm-eval tasks cannot run here (not installed, hub switched off), or None. With `local_tasks` (an
+    include folder of the user's own tasks, whose data may be local files) a switched-off hub is no reason."""
     import os
 
     skipped = ", ".join(tasks)
     if not lm_eval_installed():
         return f"lm-eval is not installed (pip install -e \".[eval]\"); skipped: {skipped}"
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if not local_tasks and any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return f"the Hugging Face Hub is switched off here (HF_HUB_OFFLINE); lm-eval tasks skipped: {skipped}"
     return None
 
 
-def run_lm_eval(path: Path, tasks, batch_size: int) -> dict:
-    """lm-eval's standard tasks on one model directory, as table records `<task> (<metric>)`."""
+def run_lm_eval(path: Path, tasks, batch_size: int, *, include=None) -> dict:
+    """lm-eval tasks on one model directory, as table records `<task> (<metric>)`: its standard tasks, and
+    those defined in the folder `include` (task YAMLs, lm-eval's `include_path`)."""
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise MissingDependencyError("lm-eval is not installed: pip install -e \".[eval]\"") from None
+    if include is not None and not Path(include).is_dir():
+        raise ConfigError(f"eval.lm_eval_include: {include} is not a folder (expected lm-eval task YAMLs)")
     try:
+        import torch
+
+        # lm-eval's HF model asks for CUDA unless told otherwise: on a machine without it, the CPU.
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=list(tasks),
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
+                                      task_manager=TaskManager(include_path=str(include)) if include else None)
     except (ConnectionError, OSError) as e:
         raise HubUnavailableError(f"lm-eval could not reach the Hugging Face Hub for {', '.join(tasks)} "
                                   f"({type(e).__name__}: {e}); skipped") from None
     records = {}
     for task, metrics in (out or {}).get("results", {}).items():
         for key, value in metrics.items():
-            if "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            # Metrics are keyed "metric,filter"; "sample_len" and "alias" are not results.
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _, filt = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")

@@ -5,6 +5,11 @@ safetensors weights, config and tokenizer files; the sha256 of each weight file 
 - Local directories are validated by the checkpoint reader (pickle-only directories are refused).
 - Hub downloads (`snapshot_download`) allow only safetensors, JSON and tokenizer files, never pickles, and are
   cached under `cache_dir()/hub`; a repository without safetensors is refused.
+- A source with `allow_pickle: weights_only` (or a run with `--allow-pickle`) may instead hold only pickled
+  `pytorch_model*.bin` weights, as some released models do: they are read with `torch.load(weights_only=True)`,
+  which loads tensors and refuses any pickle that would call code, and written once as a safetensors directory
+  under `cache_dir()/pickle/<name>-<sha256 prefix>/`. The manifest records the sha256 of the pickles and of
+  the safetensors made from them. Nothing else reads a pickle.
 - GGUF files are loaded by transformers, which de-quantizes them to plain floats, and saved once as a
   safetensors directory under `cache_dir()/gguf/<stem>-<sha256 prefix>/`, written to a temporary sibling
   and renamed when complete. Weights are saved in float32, the dtype the de-quantized model loads in:
@@ -13,6 +18,7 @@ safetensors weights, config and tokenizer files; the sha256 of each weight file 
 """
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.checkpoint import ModelReader, check_compatible
+from workbench.checkpoint import ModelReader, check_compatible, find_weight_files, load_pickle_checkpoint
+from workbench.checkpoint.writer import ShardedWriter
 from workbench.config.language import ModelSource, hub_id_problem
 from workbench.errors import (CheckpointError, ConfigError, HubUnavailableError, MissingDependencyError,
                               UnsafeCheckpointError)
@@ -34,6 +41,9 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "gen
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                 "README.md"]  # the model card: licence, languages and base models for the cards of merges
+# Asked for only when a source allows pickles and its repository has no safetensors.
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+PICKLE_OPT_IN = "allow_pickle: weights_only"
 
 
 def source_kind(source: ModelSource) -> str:
@@ -63,10 +73,11 @@ def fetch_model(source: ModelSource, *, base_dir: Path, key: str | None = None) 
 
 def _materialize(source: ModelSource, base_dir: Path, key: str | None) -> tuple[Path, dict]:
     if source.path:
-        return local_model(_resolve(source.path, base_dir)), {}
+        return _readable(_resolve(source.path, base_dir), source, key)
     if source.hub:
-        folder = hub_model(source, key=key)
-        return folder, {"revision": folder.name}  # the snapshot folder is the resolved commit
+        snapshot = hub_model(source, key=key)
+        folder, extra = _readable(snapshot, source, key)
+        return folder, {"revision": snapshot.name, **extra}  # the snapshot folder is the resolved commit
     gguf = gguf_path(source, base_dir)
     digest = file_sha256(gguf)
     return convert_gguf(gguf, sha256=digest), {"gguf": str(gguf), "gguf_sha256": digest}
@@ -84,6 +95,83 @@ def local_model(path: Path) -> Path:
     if not (Path(path) / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
     return Path(path)
+
+
+def _readable(folder: Path, source: ModelSource, key: str | None) -> tuple[Path, dict]:
+    """`folder` itself when it holds safetensors; when it holds only pickled weights and `source` allows
+    them, its safetensors conversion in the cache and {"pickle": the pickles' record}."""
+    if not Path(folder).is_dir():
+        return local_model(folder), {}  # the reader's own error names what is missing
+    found = find_weight_files(folder)
+    if found.format != "pickle":
+        return local_model(folder), {}
+    if source.allow_pickle is None:
+        raise UnsafeCheckpointError(pickle_refusal(folder, found.files, source, key))
+    if not (Path(folder) / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face model directory)")
+    records = file_records(found.files)
+    return convert_pickle(folder, found.files, name=_cache_name(source), records=records), {"pickle": records}
+
+
+def pickle_refusal(folder, files, source: ModelSource, key: str | None) -> str:
+    names = ", ".join(Path(f).name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    where = f"`{key}: {{..., {PICKLE_OPT_IN}}}` in the profile" if key else f"the source's {PICKLE_OPT_IN}"
+    return (f"{source.label()} ({folder}) holds only pickled weights ({names}): unpickling can run code, so "
+            f"pickles are refused by default. If you trust where it comes from, opt in with {where} or "
+            f"--allow-pickle: the weights are then read with torch.load(weights_only=True), which loads only "
+            f"tensors and refuses a pickle that would call code, and converted once to safetensors")
+
+
+def _cache_name(source: ModelSource) -> str:
+    """A file-system-safe name for a source's converted copy."""
+    label = source.hub or Path(source.path).name
+    return "".join(c if c.isalnum() or c in "-_." else "--" if c == "/" else "_" for c in label)[:80]
+
+
+def file_records(files) -> dict:
+    """{name: {"sha256", "bytes"}} of files."""
+    return {Path(f).name: {"sha256": file_sha256(f), "bytes": Path(f).stat().st_size} for f in files}
+
+
+def pickle_cache_dir(name: str, records: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(sorted((n, r["sha256"]) for n, r in records.items())).encode()).hexdigest()
+    return cache_dir() / "pickle" / f"{name}-{digest[:16]}"
+
+
+def convert_pickle(folder: Path, files, *, name: str, records: dict | None = None) -> Path:
+    """The safetensors model directory converted from the pickled weight `files` of `folder` (converted on
+    first use, then cached under a hash of the pickles' sha256). Each file is read with
+    torch.load(weights_only=True); config and tokenizer files are copied. The directory appears only when
+    complete (ShardedWriter writes beside it and renames)."""
+    folder = Path(folder)
+    target = pickle_cache_dir(name, records or file_records(files))
+    if target.is_dir():
+        return local_model(target)
+    print(f"converting the pickled weights of {folder} to safetensors with torch.load(weights_only=True) "
+          f"(once; cached in {target.parent})", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    tensors, origin = {}, {}
+    for file in files:
+        for tensor_name, tensor in load_pickle_checkpoint(file).items():
+            if tensor_name in tensors:
+                raise CheckpointError(f"{file}: tensor {tensor_name!r} is also in {origin[tensor_name].name}; "
+                                      f"expected each tensor in one weight file")
+            tensors[tensor_name], origin[tensor_name] = tensor, Path(file)
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with ShardedWriter(target, plan, source_dir=folder) as writer:
+        for tensor_name in writer.pending():
+            writer.write(tensor_name, tensors[tensor_name].contiguous())
+        writer.finalize()
+    print(f"converted {len(tensors)} tensors in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return local_model(target)
+
+
+def allow_pickles(profile) -> None:
+    """`--allow-pickle`: the opt-in on every fetched model source of `profile` (GGUF files hold no pickles)."""
+    for _, source in profile_sources(profile).values():
+        if source.gguf is None:
+            source.allow_pickle = "weights_only"
 
 
 def weight_record(folder: Path) -> dict:
@@ -124,15 +212,37 @@ def no_hub_hint(source: ModelSource, key: str | None) -> str:
 
 
 def hub_model(source: ModelSource, *, key: str | None = None) -> Path:
-    """Download (or find in the cache) the safetensors, JSON and tokenizer files of a hub model."""
-    from huggingface_hub import snapshot_download
+    """The snapshot folder of a hub model, downloaded or found in the cache: its safetensors, JSON and
+    tokenizer files; its pickled weights only when the repository has no safetensors and `source` allows them
+    (the caller converts them). Refused when it has no weights workbench may read."""
+    folder = _snapshot(source, HUB_PATTERNS, key)
+    if any(folder.glob("*.safetensors")):
+        return folder
+    if source.allow_pickle is not None:
+        folder = _snapshot(source, HUB_PATTERNS + PICKLE_PATTERNS, key)
+        if any(folder.glob("pytorch_model*.bin")):
+            return folder
+    label = f"{source.hub}@{source.revision}"
+    opt_in = (f", or opt in to its pickled weights with `{key}: {{..., {PICKLE_OPT_IN}}}` or --allow-pickle "
+              f"(read with torch.load(weights_only=True), converted once to safetensors)"
+              if source.allow_pickle is None else "")
+    raise UnsafeCheckpointError(
+        f"{label} has no safetensors weights{' and no pytorch_model*.bin' if source.allow_pickle else ''}: "
+        f"workbench downloads only safetensors by default (pickled *.bin/*.pt checkpoints can run code when "
+        f"loaded). Convert it once in an environment you trust (from_pretrained, then save_pretrained(DIR, "
+        f"safe_serialization=True)) and use {f'`{key}: {{path: DIR}}`' if key else 'that folder'}, or pick a "
+        f"revision that has safetensors{opt_in}")
+
+
+def _snapshot(source: ModelSource, patterns: list[str], key: str | None) -> Path:
+    from huggingface_hub import snapshot_download  # lazy: huggingface_hub is needed only when fetching from the hub
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     label = f"{source.hub}@{source.revision}"
     try:
-        folder = Path(snapshot_download(source.hub, revision=source.revision, allow_patterns=HUB_PATTERNS,
-                                        cache_dir=cache_dir() / "hub"))
+        return Path(snapshot_download(source.hub, revision=source.revision, allow_patterns=patterns,
+                                      cache_dir=cache_dir() / "hub"))
     except GatedRepoError:
         raise HubUnavailableError(
             f"{source.hub} is gated: accept its access agreement at https://huggingface.co/{source.hub} with "
@@ -147,13 +257,6 @@ def hub_model(source: ModelSource, *, key: str | None = None) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubUnavailableError(f"cannot fetch {label} from the Hugging Face Hub ({reason}): "
                                   f"{no_hub_hint(source, key)}") from None
-    if not any(folder.glob("*.safetensors")):
-        raise UnsafeCheckpointError(
-            f"{label} has no safetensors weights: workbench downloads only safetensors (pickled *.bin/*.pt "
-            f"checkpoints can run code when loaded). Convert it once in an environment you trust "
-            f"(from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use "
-            f"{f'`{key}: {{path: DIR}}`' if key else 'that folder'}, or pick a revision that has safetensors")
-    return local_model(folder)
 
 
 def cached_hub_snapshot(source: ModelSource) -> Path | None:
@@ -307,16 +410,28 @@ def check_models(models: dict[str, Path], *, extended_vocab: str | None = None):
             reader.close()
 
 
-def plan(source: ModelSource, base_dir: Path) -> dict:
-    """What fetching `source` would do, without network access or conversion."""
+def plan(source: ModelSource, base_dir: Path, key: str | None = None) -> dict:
+    """What fetching `source` would do, without network access or conversion. A local directory the fetch
+    would refuse (pickles without the opt-in, no weights) fails here, before anything runs."""
     kind = source_kind(source)
     if kind == "path":
         path = _resolve(source.path, base_dir)
-        return {"kind": kind, "path": str(path), "exists": path.is_dir()}
+        step = {"kind": kind, "path": str(path), "exists": path.is_dir()}
+        if path.is_dir():
+            files = find_weight_files(path)
+            step["format"] = files.format
+            if files.format == "pickle":
+                if source.allow_pickle is None:
+                    raise UnsafeCheckpointError(pickle_refusal(path, files.files, source, key))
+                target = pickle_cache_dir(_cache_name(source), file_records(files.files))
+                step.update(converted=str(target), cached=target.is_dir())
+        return step
     if kind == "hub":
         cached = cached_hub_snapshot(source)
-        return {"kind": kind, "id": source.hub, "revision": source.revision, "patterns": HUB_PATTERNS,
-                "cache": str(cache_dir() / "hub"), "cached": str(cached) if cached else None}
+        patterns = HUB_PATTERNS + (PICKLE_PATTERNS if source.allow_pickle else [])
+        return {"kind": kind, "id": source.hub, "revision": source.revision, "patterns": patterns,
+                "cache": str(cache_dir() / "hub"), "cached": str(cached) if cached else None,
+                "allow_pickle": source.allow_pickle}
     gguf = gguf_path(source, base_dir)
     target = gguf_cache_dir(gguf, file_sha256(gguf))
     return {"kind": kind, "gguf": str(gguf), "converted": str(target), "cached": target.is_dir()}
@@ -327,8 +442,8 @@ def fetch_profile(loaded, run_dir, *, dry_run: bool = False) -> dict:
     write `run_dir/fetch.json`; with `dry_run`, only the plan (no network, nothing written)."""
     sources = profile_sources(loaded.profile)
     if dry_run:
-        return {"plan": {role: {"source": src.label(), **plan(src, loaded.base_dir)}
-                         for role, (_, src) in sources.items()}}
+        return {"plan": {role: {"source": src.label(), **plan(src, loaded.base_dir, key)}
+                         for role, (key, src) in sources.items()}}
     paths = {role: resolve_model(src, base_dir=loaded.base_dir, run_dir=run_dir, key=key)
              for role, (key, src) in sources.items()}
     roles = {role: src.label() for role, (_, src) in sources.items()}

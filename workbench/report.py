@@ -169,6 +169,7 @@ def write_report(loaded, records: dict, run_dir) -> dict:
     body = {
         "language": {"code": lang.code, "name": lang.name, "script": lang.script},
         "profile": loaded.profile_name,
+        "description": " ".join(profile.description.split()),
         "config_file": loaded.source,
         "table": {"columns": table["columns"], "rows": table["rows"], "notes": table.get("notes", [])},
         "models": table["models"],
@@ -195,6 +196,8 @@ def write_report(loaded, records: dict, run_dir) -> dict:
 def render_markdown(body: dict, table: dict) -> str:
     lang = body["language"]
     out = [f"# {lang['name']} ({lang['code']}): profile `{body['profile']}`", ""]
+    if body.get("description"):
+        out += [f"What this run is, as its profile says: {body['description']}", ""]
     out += ["## Outcome", ""] + [f"- {s}" for s in body["verdict"]["statements"]] + [""]
     out += ["## Results", "", markdown_table(table).rstrip(), "", "![results](report_assets/results.png)", ""]
     out += comparisons_section(body.get("comparisons") or [])

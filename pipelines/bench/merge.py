@@ -22,6 +22,8 @@ from workbench.provenance import file_sha256
 SIZES = {
     # hidden, intermediate, layers, vocab: the merge issue's ~270M model, and a small one for a quick run.
     "270m": dict(hidden=1024, intermediate=2816, layers=16, vocab=32000, heads=16),
+    # 2.2B parameters (4.5 GB a model in bf16): the scale check, peak memory against model size.
+    "2b": dict(hidden=2560, intermediate=6912, layers=26, vocab=32000, heads=20),
     "tiny": dict(hidden=256, intermediate=704, layers=4, vocab=4000, heads=4),
 }
 
@@ -100,6 +102,8 @@ def cases(models: dict, layers: int) -> list:
     return [
         Case("ties", {"method": "ties", "base": base, "models": [{"model": a, "density": 0.2},
                                                                  {"model": b, "density": 0.2}]}, ties_mk),
+        Case("ties_model_scope", {"method": "ties", "base": base, "scope": "model", "models": [
+            {"model": a, "density": 0.2}, {"model": b, "density": 0.2}]}, None),  # mergekit has no model scope
         Case("ties_sv", {"method": "ties_sv", "base": base, "models": [
             {"model": a, "density": 0.2}, {"model": b, "density": 0.2, "slack": 0.1}]}, ties_mk),
         Case("dare_ties", {"method": "dare_ties", "base": base, "models": [{"model": a, "density": 0.2},

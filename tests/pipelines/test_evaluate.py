@@ -4,7 +4,6 @@ import json
 import math
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -13,11 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workbench.config.language import EvalConfig
 from workbench.config.loader import load_language
+from workbench.errors import ConfigError
 from workbench.evaluation.generation import generate
 from workbench.evaluation.perplexity import perplexity, token_batches, windows
 from workbench.pipelines import evaluate as evaluate_module
 from workbench.pipelines.evaluate import (
-    PerplexitySet, TaskSet, answer_statement, evaluate_models, generated_task, tasks_from_config
+    PerplexitySet, TaskSet, answer_statement, evaluate_models, generated_task, run_lm_eval, tasks_from_config
 )
 
 
@@ -65,8 +65,9 @@ def test_workbench_eval_end_to_end(tiny_llama_factory, shared_data, heldout_docs
         mgsm = table["rows"][model]["mgsm_sw"]
         assert mgsm["n"] == 6 and 0 <= mgsm["low"] <= mgsm["accuracy"] <= mgsm["high"] <= 1
     md = (out_dir / "results.md").read_text(encoding="utf-8")
-    assert "| base |" in md and "| tied model |" in md and "lm-eval is not installed" in md
-    assert "lm-eval is not installed" in table["notes"][0]
+    # Without lm-eval, or here without the hub, the standard task is skipped and the table says why.
+    assert "| base |" in md and "| tied model |" in md and "skipped: belebele_swh_Latn" in md
+    assert "skipped: belebele_swh_Latn" in table["notes"][0]
     assert (out_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     records = [json.loads(line) for line in (out_dir / "tied_model" / "mgsm_sw.jsonl").read_text().splitlines()]
@@ -140,16 +141,16 @@ def test_tasks_from_the_profile_and_its_fast_variant(heldout_docs):
     assert [t.name for t in full] == ["mgsm_sw", "nll_mgsm_sw", "generated_sw", "nll_generated_sw", "generated_en",
                                       "nll_generated_en", "perplexity_sw"]
     mgsm, nll_mgsm, gen_sw, nll_sw, gen_en, nll_en, ppl = full
-    assert len(nll_mgsm.items) == len(nll_sw.items) == len(nll_en.items) == 200
+    assert len(nll_mgsm.items) == len(nll_sw.items) == len(nll_en.items) == 48  # eval.solution_nll_items
     # The accuracy items are among the likelihood items; MGSM's gold is stated in the exemplar's words.
     assert {i.question for i in mgsm.items} <= {i.question for i in nll_mgsm.items}
-    assert [i.question for i in gen_sw.items] == [i.question for i in nll_sw.items[:20]]
+    assert [i.question for i in gen_sw.items] == [i.question for i in nll_sw.items[:12]]
     assert nll_mgsm.items[0].solution.startswith("Jibu ni ") and nll_sw.items[0].solution.endswith(
         f"Jibu ni {gen_sw.items[0].answer}.")
     assert nll_en.fmt.template.startswith("Question: ") and nll_en.items[0].solution.endswith(
         f"The answer is {gen_en.items[0].answer}.")
     assert len(mgsm.items) == 12 and mgsm.fmt.template.startswith("Swali: ")
-    assert len(gen_sw.items) == 20 and gen_en.fmt.template.startswith("Question: ")
+    assert len(gen_sw.items) == 12 and gen_en.fmt.template.startswith("Question: ")
     assert [i.answer for i in gen_sw.items] == [i.answer for i in gen_en.items]  # parallel sets
     assert len(ppl.docs) == 6
     fast = tasks_from_config(load_language("sw", fast=True))
@@ -176,21 +177,62 @@ def test_finished_models_are_not_evaluated_again(tiny_llama_factory, tmp_path, m
     assert second["rows"] == first["rows"] and "already evaluated" in lines[0]
 
 
-def test_lm_eval_results_join_the_table(tiny_llama_factory, tmp_path, monkeypatch):
-    calls = []
+TINY_TASK = """\
+task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+TINY_ITEMS = [("Mama ana maembe", ["matatu", "mbili na tano", "kumi"], 0),
+              ("The answer is", ["eleven", "six", "four hundred"], 1),
+              ("Kila mkebe una", ["mipira", "kalamu tatu", "vitabu"], 2),
+              ("Roger has five", ["balls", "cans of tennis balls", "apples"], 0),
+              ("Jumla ni", ["nane", "kumi na mbili", "sita"], 1),
+              ("She bought two", ["pens", "books about cats", "cups"], 2)]
 
-    def simple_evaluate(**kwargs):
-        calls.append(kwargs)
-        return {"results": {"belebele_swh_Latn": {"alias": "belebele_swh_Latn", "acc,none": 0.25,
-                                                  "acc_stderr,none": 0.02}}}
 
-    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
-    monkeypatch.setattr(evaluate_module, "lm_eval_unavailable", lambda tasks: None)
+def _choice_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """Sum of log p(continuation tokens | context), encoded as lm-eval's HF model encodes a pair."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
+
+
+def test_lm_eval_bridge_runs_a_local_task_and_joins_the_table(tiny_llama_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local task needs no hub
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    data = tasks_dir / "items.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": a}) + "\n"
+                            for q, c, a in TINY_ITEMS), encoding="utf-8")
+    (tasks_dir / "tiny_choice.yaml").write_text(TINY_TASK.format(data=data), encoding="utf-8")
     model_dir, _ = tiny_llama_factory("m", seed=0)
+    settings = EvalConfig(max_new_tokens=4, batch_size=1, lm_eval=["tiny_choice"], lm_eval_include=str(tasks_dir))
     table = evaluate_models({"m": model_dir}, tasks=[TaskSet("t", generated_task("en", 2, 0).items)],
-                            out_dir=tmp_path, settings=EvalConfig(max_new_tokens=4, lm_eval=["belebele_swh_Latn"]),
-                            log=lambda *_: None)
-    assert calls[0]["model"] == "hf" and calls[0]["model_args"] == f"pretrained={model_dir}"
-    record = table["rows"]["m"]["belebele_swh_Latn (acc,none)"]
-    assert record == {"kind": "lm_eval", "metric": "acc,none", "value": 0.25, "stderr": 0.02}
-    assert "0.2500 ± 0.0200" in (tmp_path / "results.md").read_text(encoding="utf-8")
+                            out_dir=tmp_path / "eval", settings=settings, log=lambda *_: None)
+    record = table["rows"]["m"]["tiny_choice (acc,none)"]
+    # The same accuracy computed here from the model's own log-probabilities (lm-eval puts a space between
+    # the question and each choice).
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    picks = [max(range(len(c)), key=lambda j: _choice_logprob(model, tokenizer, q, " " + c[j])) for q, c, _ in TINY_ITEMS]
+    expected = sum(p == a for p, (_, _, a) in zip(picks, TINY_ITEMS)) / len(TINY_ITEMS)
+    assert record["kind"] == "lm_eval" and record["metric"] == "acc,none"
+    assert record["value"] == pytest.approx(expected) and record["stderr"] > 0
+    assert table["notes"] == []
+    assert f"{expected:.4f} ± " in (tmp_path / "eval" / "results.md").read_text(encoding="utf-8")
+
+
+def test_lm_eval_include_must_be_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.lm_eval_include: .*nowhere is not a folder"):
+        run_lm_eval(tmp_path, ["x"], 1, include=tmp_path / "nowhere")

@@ -1,8 +1,10 @@
 """Fetch: local directories (validated, checked against the base), the hub (offline errors, cached
 snapshots, pickle-only repositories refused), GGUF conversion of the real SmolLM2 file."""
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from workbench.config.language import ModelSource
 from workbench.config.loader import load_language
 from workbench.errors import (ConfigError, HubUnavailableError, IncompatibleModelsError, MissingDependencyError,
                               UnsafeCheckpointError)
-from workbench.pipelines.fetch import fetch_profile, parse_model_arg, resolve_model
+from workbench.pipelines.fetch import fetch_profile, parse_model_arg, plan, resolve_model
 from workbench.provenance import file_sha256
 
 PROFILE_YAML = """\
@@ -74,12 +76,121 @@ def test_expert_with_one_tensor_of_another_shape_is_rejected_naming_it(local_pro
     assert out.returncode == 1 and "model.layers.2.mlp.down_proj.weight" in out.stderr
 
 
-def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_llama_factory):
-    folder, state = tiny_llama_factory("pickled", seed=0)
+def _pickled_model(tiny_llama_factory, name="pickled"):
+    """A tiny Llama released as a pickle only: config, tokenizer and pytorch_model.bin (torch.save)."""
+    folder, state = tiny_llama_factory(name, seed=0)
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
-    with pytest.raises(UnsafeCheckpointError, match=r"only pickled weights \(pytorch_model\.bin\).*safetensors"):
-        resolve_model(ModelSource(path="pickled"), base_dir=tmp_path)
+    return folder, state
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_llama_factory):
+    folder, _ = _pickled_model(tiny_llama_factory)
+    with pytest.raises(UnsafeCheckpointError, match=r"only pickled weights \(pytorch_model\.bin\).*safetensors") as err:
+        resolve_model(ModelSource(path="pickled"), base_dir=tmp_path, key="experts.math.fetch")
+    assert "`experts.math.fetch: {..., allow_pickle: weights_only}`" in str(err.value)
+    assert "--allow-pickle" in str(err.value)
+    # Planning refuses it too, before any stage runs.
+    with pytest.raises(UnsafeCheckpointError, match="allow_pickle: weights_only"):
+        plan(ModelSource(path="pickled"), tmp_path, "experts.math.fetch")
+
+
+def test_pickle_only_checkpoint_converts_once_under_the_opt_in(tmp_path, tiny_llama_factory, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    folder, state = _pickled_model(tiny_llama_factory)
+    source = ModelSource(path="pickled", allow_pickle="weights_only")
+    step = plan(source, tmp_path)
+    assert step["format"] == "pickle" and step["cached"] is False
+    path = resolve_model(source, base_dir=tmp_path, run_dir=tmp_path / "run")
+    assert path == Path(step["converted"]) and path.parent == tmp_path / "cache" / "pickle"
+    converted = load_file(path / "model.safetensors")
+    assert converted.keys() == state.keys()
+    assert all(converted[n].dtype == state[n].dtype and torch.equal(converted[n], state[n]) for n in state)
+    # Both files' sha256 are in the manifest: the pickle read, and the safetensors made from it.
+    record = load_json(tmp_path / "run" / "fetch.json")["models"]["pickled"]
+    assert record["pickle"]["pytorch_model.bin"]["sha256"] == file_sha256(folder / "pytorch_model.bin")
+    assert record["files"]["model.safetensors"]["sha256"] == file_sha256(path / "model.safetensors")
+    assert record["path"] == str(path)
+    # It is a model transformers loads, with the pickle's weights.
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                       state["model.layers.0.self_attn.q_proj.weight"])
+    # Converted once: a second fetch finds it in the cache and does not write it again.
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    assert plan(source, tmp_path)["cached"] is True
+    assert resolve_model(source, base_dir=tmp_path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == written
+    assert (folder / "pytorch_model.bin").is_file()  # the input is left as it was
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_carrying_code_is_refused_under_the_opt_in_and_never_runs(tmp_path, tiny_llama_factory,
+                                                                          monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    folder, state = tiny_llama_factory("evil", seed=0)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({**state, "model.norm.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin: refused by torch\.load\(weights_only=True\)"):
+        resolve_model(ModelSource(path="evil", allow_pickle="weights_only"), base_dir=tmp_path,
+                      run_dir=tmp_path / "run")
+    assert not marker.exists()  # the payload never ran
+    assert not list(tmp_path.glob("cache/pickle/*"))  # nothing half-converted either
+    assert not (tmp_path / "run" / "fetch.json").exists()
+    out = workbench("fetch", "--model", str(folder), "--allow-pickle", cwd=tmp_path,
+                    env={**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache")})
+    assert out.returncode != 0 and "refused by torch.load(weights_only=True)" in out.stderr
+    assert not marker.exists()
+
+
+def test_fetch_command_takes_allow_pickle(tmp_path, tiny_llama_factory):
+    folder, _ = _pickled_model(tiny_llama_factory)
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache")}
+    refused = workbench("fetch", "--model", str(folder), "--dry-run", cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "--allow-pickle" in refused.stderr
+    planned = workbench("fetch", "--model", str(folder), "--dry-run", "--allow-pickle", cwd=tmp_path, env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert "would convert with torch.load(weights_only=True)" in planned.stdout
+    out = workbench("fetch", "--model", str(folder), "--allow-pickle", "--run-dir", str(tmp_path / "run"),
+                    cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "converted from pytorch_model.bin" in out.stdout
+    assert f"sha256 {file_sha256(folder / 'pytorch_model.bin')}" in out.stdout
+
+
+def test_hub_snapshot_with_only_pickles_converts_under_the_opt_in(tmp_path, tiny_llama_factory, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, state = _pickled_model(tiny_llama_factory)
+    snapshot = _cached_snapshot(tmp_path / "cache", "acme/released", folder.iterdir())
+    with pytest.raises(UnsafeCheckpointError, match=r"acme/released@main has no safetensors weights.*"
+                                                    r"`experts\.math\.fetch: \{\.\.\., allow_pickle: weights_only\}`"):
+        resolve_model(ModelSource(hub="acme/released"), base_dir=tmp_path, key="experts.math.fetch")
+    path = resolve_model(ModelSource(hub="acme/released", allow_pickle="weights_only"), base_dir=tmp_path,
+                         run_dir=tmp_path / "run")
+    assert path.parent == tmp_path / "cache" / "pickle" and path.name.startswith("acme--released-")
+    assert torch.equal(load_file(path / "model.safetensors")["lm_head.weight"], state["lm_head.weight"])
+    record = load_json(tmp_path / "run" / "fetch.json")["models"]["acme/released@main"]
+    assert record["revision"] == snapshot.name
+    assert record["pickle"]["pytorch_model.bin"]["sha256"] == file_sha256(folder / "pytorch_model.bin")
+
+
+def test_allow_pickle_is_checked_in_the_profile(tmp_path):
+    with pytest.raises(ConfigError, match=r"allow_pickle.*'weights_only'"):
+        load_language("sw", profile="micro", overrides=["experts.math.fetch={hub: a/b, allow_pickle: yes}"])
+    with pytest.raises(ConfigError, match=r"base\.allow_pickle: a GGUF file holds no pickles"):
+        load_language("sw", profile="micro", overrides=["base.allow_pickle=weights_only"])
 
 
 def test_hub_offline_names_the_model_and_the_way_out(workbench_cache, tmp_path):
@@ -228,3 +339,19 @@ def test_a_truncated_or_garbage_gguf_is_refused_by_name(tmp_path, smollm2_gguf, 
     assert out.returncode == 1 and out.stderr.count("\n") == 2, out.stderr  # the "converting" line, the error
     assert f"error: {bad}: cannot read it as a GGUF model" in out.stderr and "internal error" not in out.stderr
     assert not [p for p in (workbench_cache / "gguf").glob("*bad*")]  # no half conversion stays in the cache
+
+
+def test_adapt_refuses_a_pickled_expert_before_any_stage(local_profile, tmp_path):
+    math = tmp_path / "math"
+    torch.save(load_file(math / "model.safetensors"), math / "pytorch_model.bin")
+    (math / "model.safetensors").unlink()
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache")}
+    for extra in ([], ["--dry-run"]):
+        out = workbench("adapt", "--lang", str(local_profile), "--run-dir", str(tmp_path / "run"), *extra,
+                        cwd=tmp_path, env=env)
+        assert out.returncode == 1, out.stdout
+        assert "`experts.math.fetch: {..., allow_pickle: weights_only}`" in out.stderr
+        assert not (tmp_path / "run").exists()
+    planned = workbench("adapt", "--lang", str(local_profile), "--run-dir", str(tmp_path / "run"), "--dry-run",
+                        "--allow-pickle", cwd=tmp_path, env=env)
+    assert planned.returncode == 0, planned.stderr

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workbench.config.loader import load_language
 from workbench.pipelines.corpus import read_heldout
-from workbench.pipelines.tokenizer import fertility, write_tokenizer_report
+from workbench.pipelines.tokenizer import extension_reasons, fertility, write_tokenizer_report
 
 
 def lines(shared_data, lang, n=60):
@@ -26,6 +26,22 @@ def test_fertility_figures(tiny_tokenizer, shared_data):
     assert sw["tokens_per_word"] == pytest.approx(sw["tokens"] / sw["words"])
     assert ja["tokens_per_word"] is None and ja["chars_per_token"] < 0.6  # no spaces between Japanese words
     assert sw["byte_fallback_share"] == sw["unknown_share"] == 0  # byte-level BPE: no <0x..> pieces, no unknowns
+
+
+def test_extension_is_recommended_on_either_figure(tiny_tokenizer, shared_data):
+    sw = fertility(tiny_tokenizer, lines(shared_data, "sw"), script="Latn")
+    ug = fertility(tiny_tokenizer, lines(shared_data, "ug"), script="Arab")
+    bo = fertility(tiny_tokenizer, lines(shared_data, "bo"), script="Tibt")
+    assert extension_reasons(sw, 0.6, 4.0) == []
+    # Tokens per word alone: Uyghur spelled in bytes needs many tokens a word.
+    assert ug["tokens_per_word"] > 4
+    assert extension_reasons(ug, min_chars_per_token=0.01, max_tokens_per_word=4.0) == [
+        f"{ug['tokens_per_word']:.2f} tokens per word > tokenizer.max_tokens_per_word = 4.0"]
+    assert len(extension_reasons(ug, 0.6, 4.0)) == 2
+    # Tibetan does not space its words: only characters per token count.
+    assert bo["tokens_per_word"] is None and extension_reasons(bo, 0.01, 1.0) == []
+    assert extension_reasons(bo, 0.6, 1.0) == [
+        f"{bo['chars_per_token']:.2f} characters per token < tokenizer.min_chars_per_token = 0.6"]
 
 
 @pytest.mark.parametrize("lang,tie", [("te", True), ("ja", False)])

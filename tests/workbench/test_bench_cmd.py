@@ -67,8 +67,8 @@ def test_kernels_cuda_without_cuda_is_one_line(capsys):
 
 def test_merge_unknown_case_is_one_line(capsys, tmp_path):
     _one_line_error(capsys, ["bench", "merge", "--size", "tiny", "--only", "ties,nope", "--work", str(tmp_path)],
-                    "--only 'ties,nope': unknown case nope; expected a comma-separated list of ties, ties_sv, "
-                    "dare_ties, task_arithmetic, layer_swap")
+                    "--only 'ties,nope': unknown case nope; expected a comma-separated list of ties, "
+                    "ties_model_scope, ties_sv, dare_ties, task_arithmetic, layer_swap")
     _one_line_error(capsys, ["bench", "merge", "--mergekit", str(tmp_path / "no-such-mergekit-yaml"),
                              "--work", str(tmp_path)], "not an executable file")
     assert not (tmp_path / "models").exists()  # nothing generated before the arguments are checked
@@ -79,7 +79,7 @@ def test_merge_help_lists_every_case(capsys):
 
     with pytest.raises(SystemExit):
         main(["bench", "merge", "--help"])
-    assert ",".join(CASE_NAMES) in " ".join(capsys.readouterr().out.split())
+    assert ", ".join(CASE_NAMES) in " ".join(capsys.readouterr().out.split())
 
 
 def test_merge_tiny_workbench_only(tmp_path, capsys):

@@ -305,3 +305,27 @@ def test_analyze_writes_nothing_into_an_input(tmp_path, tiny_family, capsys):
     code, err = _cli(capsys, "analyze", tmp_path / "base", f"sw={tmp_path / 'lang'}", "--out", tmp_path / "lang")
     assert code == 2 and "the analysis folder is the input sw" in err
     assert _digests(tmp_path) == before
+
+
+HEAVY = ("transformers", "peft", "datasets", "accelerate", "matplotlib")
+_RUN_AND_LIST = ("import sys\nfrom workbench.cli import main\nrc = main(sys.argv[1:])\n"
+                 "print('HEAVY', rc, ' '.join(sorted(m for m in {heavy} if m in sys.modules)))")
+
+
+def test_merge_and_analyze_import_only_what_they_need(tmp_path, tiny_family):
+    """A merge imports torch, safetensors and the merge path; never the training or plotting libraries
+    (seconds of start-up on every merge). analyze plots its heatmap, so matplotlib comes in then, only."""
+    (b_dir, _), (l_dir, _), (t_dir, _) = tiny_family["base"], tiny_family["language"], tiny_family["task"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(b_dir), "models": [
+        {"model": str(l_dir), "density": 0.3}, {"model": str(t_dir), "density": 0.3}]}))
+    code = _RUN_AND_LIST.format(heavy=HEAVY)
+    merge = subprocess.run([sys.executable, "-c", code, "merge", str(recipe), "--out", str(tmp_path / "m")],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert merge.returncode == 0, merge.stderr
+    assert merge.stdout.splitlines()[-1] == "HEAVY 0 ", merge.stdout
+    analyze = subprocess.run([sys.executable, "-c", code, "analyze", str(b_dir), f"sw={l_dir}", "--out",
+                              str(tmp_path / "an")], capture_output=True, text=True, cwd=tmp_path)
+    assert analyze.returncode == 0, analyze.stderr
+    assert analyze.stdout.splitlines()[-1] == "HEAVY 0 matplotlib", analyze.stdout
+    assert (tmp_path / "an").is_dir()

@@ -12,10 +12,12 @@ resumes an interrupted one; changing a setting reruns only the stages it affects
 import time
 from pathlib import Path
 
-from workbench.cli.common import add_config_arguments, add_run_dir_argument, load_config, run_dir_of
+from workbench.cli.common import (add_allow_pickle_argument, add_config_arguments, add_run_dir_argument, load_config,
+                                  run_dir_of)
 from workbench.outputs import check_apart
 from workbench.pipelines.adapt import build_graph, eval_models
 from workbench.pipelines.evaluate import missing_packages
+from workbench.pipelines.fetch import allow_pickles, fetch_profile
 from workbench.pipelines.runner import clock
 from workbench.report import export_summary
 
@@ -28,12 +30,16 @@ def add_arguments(parser):
     parser.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be done)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; no network, nothing written")
     parser.add_argument("--fast", action="store_true", help="the profile's small variant (for tests)")
+    add_allow_pickle_argument(parser)
 
 
 def run(args):
     loaded = load_config(args, fast=args.fast)
+    if args.allow_pickle:
+        allow_pickles(loaded.profile)
     run_dir = run_dir_of(args, loaded)
     graph = build_graph(loaded, run_dir)
+    fetch_profile(loaded, run_dir, dry_run=True)  # a local model fetch would refuse fails now, not after hours
     missing = missing_packages(loaded)
     if missing and not args.dry_run:
         raise missing[0]  # before any stage runs: the evaluation would skip those tasks after hours of work

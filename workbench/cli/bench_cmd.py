@@ -57,8 +57,8 @@ def add_arguments(parser):
 
     m = sub.add_parser("merge", help="whole merges by workbench and mergekit: seconds, peak RSS",
                        description=_section("merge"), **common)
-    m.add_argument("--size", choices=["270m", "tiny"], default="270m")
-    m.add_argument("--only", metavar="CASES", help="comma-separated cases: ties,ties_sv,dare_ties,task_arithmetic,layer_swap")
+    m.add_argument("--size", choices=["270m", "2b", "tiny"], default="270m")
+    m.add_argument("--only", metavar="CASES", help="comma-separated cases: " + ", ".join(CASE_NAMES))
     m.add_argument("--work", metavar="DIR", help="generated models and outputs (default $WORKBENCH_CACHE/bench)")
     tool = m.add_mutually_exclusive_group()
     tool.add_argument("--mergekit", metavar="PATH", help="the mergekit-yaml executable to compare against")

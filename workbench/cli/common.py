@@ -28,3 +28,10 @@ def run_dir_of(args, loaded) -> Path:
     if args.run_dir:
         return Path(args.run_dir)
     return Path("runs") / (f"{loaded.language.code}-{loaded.profile_name}" + ("-fast" if args.fast else ""))
+
+
+def add_allow_pickle_argument(parser):
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept models released only as pickled *.bin weights: read with "
+                             "torch.load(weights_only=True) (tensors only, never code) and converted once to "
+                             "safetensors; the profile key allow_pickle: weights_only does it per model")

@@ -38,6 +38,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, metavar="N")
     parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks (needs lm-eval and "
                         "the hub), e.g. mgsm_direct_sw,belebele_swh_Latn")
+    parser.add_argument("--lm-eval-include", metavar="DIR", help="a folder of your own lm-eval task YAMLs "
+                        "(their tasks may then be named in --lm-eval; local data runs offline)")
 
 
 def _overrides(args) -> list:
@@ -46,7 +48,8 @@ def _overrides(args) -> list:
              ("eval.solution_nll_items", args.solution_nll),
              ("eval.n_shot", args.n_shot), ("eval.max_new_tokens", args.max_new_tokens),
              ("eval.batch_size", args.batch_size),
-             ("eval.lm_eval", args.lm_eval.split(",") if args.lm_eval else None)]
+             ("eval.lm_eval", args.lm_eval.split(",") if args.lm_eval else None),
+             ("eval.lm_eval_include", str(Path(args.lm_eval_include).resolve()) if args.lm_eval_include else None)]
     return [(key, value) for key, value in pairs if value is not None]
 
 

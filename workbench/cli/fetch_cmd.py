@@ -8,10 +8,10 @@ writes them to RUN_DIR/fetch.json.
 """
 from pathlib import Path
 
-from workbench.cli.common import add_config_arguments, load_config
+from workbench.cli.common import add_allow_pickle_argument, add_config_arguments, load_config
 from workbench.errors import ConfigError
 from workbench.outputs import check_apart
-from workbench.pipelines.fetch import fetch_model, fetch_profile, parse_model_arg, plan, update_manifest
+from workbench.pipelines.fetch import allow_pickles, fetch_model, fetch_profile, parse_model_arg, plan, update_manifest
 
 
 def add_arguments(parser):
@@ -21,6 +21,7 @@ def add_arguments(parser):
                              "(repeatable; instead of --lang)")
     parser.add_argument("--run-dir", metavar="D", help="where fetch.json goes (default with --lang: runs/)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be fetched; no network, no writes")
+    add_allow_pickle_argument(parser)
 
 
 def _size(n: int) -> str:
@@ -42,6 +43,12 @@ def _print_plan(plan: dict):
             print(f"  GGUF {step['gguf']}\n  -> {step['converted']} ({state})")
         else:
             print(f"  local directory {step['path']}" + ("" if step["exists"] else " (MISSING)"))
+            if step.get("converted"):
+                state = "converted already" if step["cached"] else "would convert with torch.load(weights_only=True)"
+                print(f"  pickled weights -> {step['converted']} ({state})")
+        if step.get("allow_pickle"):
+            print("  pickled weights (pytorch_model*.bin) allowed if it has no safetensors: read with "
+                  "torch.load(weights_only=True), converted once to safetensors")
 
 
 def _print_models(manifest: dict, roles: dict):
@@ -53,6 +60,8 @@ def _print_models(manifest: dict, roles: dict):
             print(f"  commit {record['revision']}")
         if "gguf_sha256" in record:
             print(f"  from {record['gguf']}  sha256 {record['gguf_sha256']}")
+        for name, f in record.get("pickle", {}).items():
+            print(f"  converted from {name}  {_size(f['bytes'])}  sha256 {f['sha256']}")
         for name, f in record["files"].items():
             print(f"  {name}  {_size(f['bytes'])}  sha256 {f['sha256']}")
 
@@ -62,6 +71,8 @@ def run(args):
         raise ConfigError("expected either --lang (with --profile) or one or more --model SOURCE")
     if args.lang:
         loaded = load_config(args)
+        if args.allow_pickle:
+            allow_pickles(loaded.profile)
         run_dir = Path(args.run_dir or "runs")
         if not args.dry_run:
             check_apart({"run directory": run_dir}, loaded.local_inputs(), option="--run-dir")
@@ -78,6 +89,9 @@ def run(args):
         print(f"manifest: {run_dir / 'fetch.json'}")
         return 0
     sources = {text: parse_model_arg(text) for text in args.model}
+    for source in sources.values():
+        if args.allow_pickle and source.gguf is None:
+            source.allow_pickle = "weights_only"
     if args.dry_run:
         _print_plan({text: {"source": src.label(), **plan(src, Path.cwd())} for text, src in sources.items()})
         return 0

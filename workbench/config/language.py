@@ -69,6 +69,10 @@ class ModelSource:
     description: Optional[str] = option(None)
     provenance: Optional[str] = option(None, doc="the hub model (OWNER/NAME[@REVISION]) a gguf or local copy "
                                                  "comes from; model cards name it")
+    allow_pickle: Optional[Literal["weights_only"]] = option(
+        None, doc="read a model released only as pickled *.bin/*.pt weights: loaded with "
+                  "torch.load(weights_only=True) (tensors only, never code) and converted once to safetensors "
+                  "in the cache; without it pickles are refused")
 
     def validate(self, where: Where):
         exactly_one(self, ("hub", "path", "gguf"), where)
@@ -77,6 +81,9 @@ class ModelSource:
             raise (where / "hub").error(f"{problem}, got {self.hub!r}")
         if self.package is not None and self.gguf is None:
             raise (where / "package").error("a package carries a gguf file; expected the key gguf too")
+        if self.allow_pickle is not None and self.gguf is not None:
+            raise (where / "allow_pickle").error("a GGUF file holds no pickles; expected allow_pickle only on a "
+                                                 "hub or path source")
         if self.provenance is not None:
             repo = self.provenance.partition("@")[0]
             if repo.count("/") != 1 or not all(repo.split("/")) or " " in self.provenance:
@@ -141,6 +148,8 @@ class TokenizerConfig:
     sp_model_type: Literal["bpe", "unigram"] = option("bpe", doc="sentencepiece model type")
     min_chars_per_token: float = number(0.6, lo=0, lo_open=True,
                                         doc="below this, the report recommends vocabulary extension")
+    max_tokens_per_word: float = number(4.0, lo=1, doc="above this (scripts with spaces between words), the "
+                                                       "report recommends vocabulary extension")
 
 
 @dataclass(kw_only=True)
@@ -245,6 +254,9 @@ class MgsmEvalConfig:
 class EvalConfig:
     perplexity_docs: int = number(40, lo=1, doc="held-out documents scored for perplexity")
     generated_problems: int = number(40, lo=0, doc="generated problems per language (target and English)")
+    generated_in: Literal["target_and_english", "english"] = option(
+        "target_and_english", doc="english: only the English problems (task retention), for a language without "
+                                  "word-problem templates")
     generated_seed: int = number(1234, lo=0)
     solution_nll_items: int = number(200, lo=0, doc="problems per set scored by solution NLL (generated in the "
                                                     "language and in English, MGSM): likelihood, no generation")
@@ -255,6 +267,8 @@ class EvalConfig:
     lm_eval: list[str] = option(default_factory=list, doc="lm-eval task names, when lm-eval and the hub are there")
     baselines: list[str] = option(default_factory=list, doc="task experts or merges that are the papers' baselines "
                                   "(ct_then_sft, model_soup): every other merge is compared with each of them")
+    lm_eval_include: Optional[str] = option(None, doc="a folder of your own lm-eval task YAMLs (relative to the "
+                                                      "language file); tasks whose data is local run offline")
 
 
 @dataclass(kw_only=True)

@@ -124,5 +124,7 @@ def _bar(record) -> tuple:
         if not math.isfinite(v):
             return None, None, None
         return (v, low, high) if math.isfinite(low) else (v, v, v)
+    if not 0 <= record["value"] <= 1:  # an lm-eval metric off the 0-1 scale (e.g. word_perplexity): table only
+        return None, None, None
     v, se = 100 * record["value"], 100 * (record.get("stderr") or 0.0)
     return v, max(0.0, v - Z95 * se), min(100.0, v + Z95 * se)
