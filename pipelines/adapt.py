@@ -44,6 +44,19 @@ def _model_of(records: dict, role: str, profile) -> Path:
     raise ConfigError(f"no model for role {role!r}")
 
 
+def sft_inputs(sft) -> dict:
+    """An SFT section as its stage's inputs; `from: base` (the default) is left out, so the stages of runs
+    from before the key existed keep their keys."""
+    inputs = to_dict(sft)
+    if inputs.get("from") == "base":
+        del inputs["from"]
+    return inputs
+
+
+def _baseline_note(profile, name: str) -> str:
+    return " [baseline: every other merge is compared with it]" if name in profile.eval.baselines else ""
+
+
 def _describe_source(source) -> str:
     return source.label() + (" (access agreement needed)" if source.gated else "")
 
@@ -172,7 +185,7 @@ def _add_other_language_expert(graph, loaded, callbacks, memory):
         return {"model": str(stage.path / "model"), "summary": summary}
 
     hub = (le.sft.data.hub,) if le.sft.data.hub else ()
-    graph.add(StageSpec("language_expert", {"sft": to_dict(le.sft), "v": VERSION}, sft, deps=("fetch",),
+    graph.add(StageSpec("language_expert", {"sft": sft_inputs(le.sft), "v": VERSION}, sft, deps=("fetch",),
                         all_processes=True, downloads=hub,
                         notes=memory("language_expert", le.sft.train, le.sft.max_length),
                         describe=f"SFT on target-language instructions ({le.sft.train.method})"))
@@ -189,15 +202,20 @@ def _add_task_expert(graph, loaded, name, expert, callbacks, memory):
                             describe=f"{expert.task} expert fetched: {_describe_source(expert.fetch)}"))
         return
 
+    start = expert.sft.from_  # "base", or "language": CT-then-SFT, the task SFT on top of the language expert
+
     def sft(stage, deps):
-        summary = train_sft(expert.sft, _model_of(deps, "base", profile), stage.path, config_dir=loaded.base_dir,
+        summary = train_sft(expert.sft, _model_of(deps, start, profile), stage.path, config_dir=loaded.base_dir,
                             name=name, callbacks=callbacks)
         return {"model": str(stage.path / "model"), "summary": summary}
 
     data = expert.sft.data
     what = f"{data.generated} generated {data.lang} word problems" if data.generated else (data.hub or data.path)
-    graph.add(StageSpec(f"expert:{name}", {"sft": to_dict(expert.sft), "v": VERSION}, sft, deps=("fetch",),
-                        describe=f"{expert.task} expert: SFT ({expert.sft.train.method}) on {what}",
+    deps = ("fetch",) + (("language_expert",) if start == "language" else ())
+    graph.add(StageSpec(f"expert:{name}", {"sft": sft_inputs(expert.sft), "v": VERSION}, sft, deps=deps,
+                        describe=f"{expert.task} expert: SFT ({expert.sft.train.method}) on {what}"
+                                 + (", from the language expert" if start == "language" else "")
+                                 + _baseline_note(profile, name),
                         downloads=(data.hub,) if data.hub else (), all_processes=True,
                         notes=memory(f"expert:{name}", expert.sft.train, expert.sft.max_length)))
 
@@ -229,7 +247,8 @@ def _add_merge(graph, loaded, name, recipe, expert_stages):
 
     deps = ("fetch", "language_expert") + tuple(s for s in expert_stages if s.split(":")[1] in recipe.references())
     graph.add(StageSpec(f"merge:{name}", {"recipe": to_dict(recipe), "v": VERSION}, merge, deps=deps,
-                        describe=f"{recipe.method} of {', '.join(recipe.references())}"))
+                        describe=f"{recipe.method} of {', '.join(recipe.references())}"
+                                 + _baseline_note(profile, name)))
 
 
 def eval_models(deps: dict, profile) -> dict:

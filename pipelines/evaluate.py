@@ -1,14 +1,16 @@
 """The evaluation stage: every model on every task, one table (Markdown, JSON), a bar chart, and every
 prompt, output, extracted and gold answer as JSONL (docs/design.md §8).
 
-Tasks are data: `TaskSet` (MGSM-format problems with the prompt format and digits they are asked in) and
-`PerplexitySet` (held-out documents). `tasks_from_config` builds them from a profile's `eval` section:
+Tasks are data: `TaskSet` (MGSM-format problems with the prompt format and digits they are asked in, scored
+by generation), `SolutionSet` (problems with a gold worked solution, scored by its likelihood: solution NLL)
+and `PerplexitySet` (held-out documents). `tasks_from_config` builds them from a profile's `eval` section:
 a seeded sample of the language's MGSM file, held-out generated problems in the target language and in
-English (parallel sets: same arithmetic), and perplexity on the held-out documents the caller passes.
+English (parallel sets: same arithmetic), each also as a larger solution-NLL set (`eval.solution_nll_items`;
+the accuracy items are among them), and perplexity on the held-out documents the caller passes.
 
 Files written under `out_dir`:
     results.json, results.md, results.png      the table across models, and its chart
-    <model>/<task>.jsonl                       one record per problem
+    <model>/<task>.jsonl                       one record per problem (accuracy and solution NLL tasks)
     <model>/metrics.json                       the model's metrics and the key of its inputs (resume)
 """
 import gc
@@ -23,7 +25,9 @@ from workbench.config.language import EvalConfig
 from workbench.errors import ConfigError, DataError, HubUnavailableError, MissingDependencyError
 from workbench.evaluation.answers import extract_answer, same_number
 from workbench.evaluation.generation import generate, load_model, question_prefix
+from workbench.evaluation.likelihood import solution_nll
 from workbench.evaluation.mgsm import MgsmItem, load_mgsm, read_mgsm_tsv, sample_items
+from workbench.evaluation.paired import mean_interval
 from workbench.evaluation.perplexity import perplexity
 from workbench.evaluation.table import accuracy_record, markdown_table, plot_table
 from workbench.pipelines.problems import generate_problems, supported_languages
@@ -51,6 +55,25 @@ class TaskSet:
 
 
 @dataclass(frozen=True)
+class SolutionItem:
+    """One problem with its gold worked solution (the text scored), and where it came from."""
+
+    question: str
+    solution: str
+    source: str
+
+
+@dataclass(frozen=True)
+class SolutionSet:
+    """Problems whose gold solutions are scored by likelihood given the prompt (solution NLL)."""
+
+    name: str
+    items: tuple  # SolutionItem, ...
+    fmt: PromptFormat = ENGLISH_FORMAT
+    n_shot: int = 0
+
+
+@dataclass(frozen=True)
 class PerplexitySet:
     """Held-out documents for perplexity."""
 
@@ -63,6 +86,43 @@ def generated_task(lang: str, n: int, seed: int, **kwargs) -> TaskSet:
     items = tuple(MgsmItem(p.question, p.number, f"generated:{lang}:seed{seed}:{i}")
                   for i, p in enumerate(generate_problems(lang, n, seed, split="heldout")))
     return TaskSet(name=f"generated_{lang}", items=items, **kwargs)
+
+
+def generated_solutions(lang: str, n: int, seed: int, **kwargs) -> SolutionSet:
+    """Held-out generated problems in `lang` with their worked answers (the same first items as
+    `generated_task` with the same seed)."""
+    items = tuple(SolutionItem(p.question, p.answer, f"generated:{lang}:seed{seed}:{i}")
+                  for i, p in enumerate(generate_problems(lang, n, seed, split="heldout")))
+    return SolutionSet(name=f"nll_generated_{lang}", items=items, **kwargs)
+
+
+_SENTENCE_END = re.compile(r"(?:[.!?]\s+|[。।]\s*)")
+
+
+def answer_statement(fmt: PromptFormat, number) -> str | None:
+    """The final sentence of the prompt's first exemplar answer with its number replaced by `number`
+    ("Jibu ni 11." -> "Jibu ni 18."): MGSM's gold answer in the language's answer format. None when the
+    prompt has no exemplar or its answer holds no number."""
+    if not fmt.exemplars:
+        return None
+    answer = fmt.exemplars[0][1].strip()
+    numbers = list(re.finditer(r"\d+(?:[.,]\d+)*", answer))
+    if not numbers:
+        return None
+    last = numbers[-1]
+    ends = [m.end() for m in _SENTENCE_END.finditer(answer, 0, last.start())]
+    value = int(number) if float(number).is_integer() else number
+    return answer[ends[-1] if ends else 0:last.start()] + str(value) + answer[last.end():]
+
+
+def mgsm_solutions(name: str, rows: list, n: int, fmt: PromptFormat, n_shot: int) -> SolutionSet | None:
+    """A seeded sample of MGSM rows with the gold answer stated in the prompt's answer format, or None when
+    the format has no exemplar to take it from."""
+    if answer_statement(fmt, 0) is None:
+        return None
+    items = tuple(SolutionItem(i.question, answer_statement(fmt, i.answer), i.source)
+                  for i in sample_items(rows, n, MGSM_SAMPLE_SEED))
+    return SolutionSet(f"nll_{name}", items, fmt, n_shot)
 
 
 def read_document_lines(path, limit: int | None = None) -> tuple:
@@ -89,18 +149,25 @@ def tasks_from_config(loaded, *, heldout_docs=None, mgsm_path=None) -> list:
         rows, name = load_mgsm(ev.mgsm, loaded.base_dir), f"mgsm_{lang.code}"
     else:
         rows = None
+    nll = ev.solution_nll_items
     if rows is not None:
         samples = ev.mgsm.samples if ev.mgsm is not None else len(rows)
         tasks.append(TaskSet(name, tuple(sample_items(rows, samples, MGSM_SAMPLE_SEED)), fmt, lang.digits, ev.n_shot))
-    if ev.generated_problems and ev.generated_in == "target_and_english":
-        if lang.code not in supported_languages():
-            raise loaded.where("eval.generated_problems").error(
-                f"no word-problem templates for {lang.code!r} (supported: {', '.join(supported_languages())}); "
-                f"set eval.generated_in: english (English retention only) or eval.generated_problems: 0")
-        tasks.append(generated_task(lang.code, ev.generated_problems, ev.generated_seed, fmt=fmt,
-                                    digits=lang.digits, n_shot=ev.n_shot))
-    if ev.generated_problems and lang.code != "en":
-        tasks.append(generated_task("en", ev.generated_problems, ev.generated_seed, n_shot=ev.n_shot))
+        solutions = mgsm_solutions(name, rows, nll, fmt, ev.n_shot) if nll else None
+        tasks += [solutions] if solutions else []
+    target_generated = ev.generated_in == "target_and_english"
+    if ev.generated_problems and target_generated and lang.code not in supported_languages():
+        raise loaded.where("eval.generated_problems").error(
+            f"no word-problem templates for {lang.code!r} (supported: {', '.join(supported_languages())}); "
+            f"set eval.generated_in: english (English retention only) or eval.generated_problems: 0")
+    sets = [(lang.code, fmt)] if target_generated and lang.code in supported_languages() else []
+    sets += [("en", ENGLISH_FORMAT)] if lang.code != "en" else []
+    for code, code_fmt in sets:
+        if ev.generated_problems:
+            tasks.append(generated_task(code, ev.generated_problems, ev.generated_seed, fmt=code_fmt,
+                                        digits=lang.digits if code == lang.code else None, n_shot=ev.n_shot))
+        if nll and ev.generated_problems:  # generated_problems: 0 switches generated problems off altogether
+            tasks.append(generated_solutions(code, nll, ev.generated_seed, fmt=code_fmt, n_shot=ev.n_shot))
     if heldout_docs:
         tasks.append(PerplexitySet(f"perplexity_{lang.code}", tuple(heldout_docs[:ev.perplexity_docs])))
     return tasks
@@ -116,6 +183,11 @@ def evaluated_metrics(loaded, ct: bool) -> list:
     elif ev.generated_problems:
         metrics.append(f"{ev.generated_problems} generated problems" + (" and their English originals"
                                                                           if code != "en" else ""))
+    generated = ((["generated"] if ev.generated_in == "target_and_english" and code in supported_languages() else [])
+                 + (["English generated"] if code != "en" else [])) if ev.generated_problems else []
+    nll_sets = (["MGSM"] if ev.mgsm is not None else []) + generated
+    if ev.solution_nll_items and nll_sets:
+        metrics.append(f"solution NLL on {ev.solution_nll_items} items each of {', '.join(nll_sets)} problems")
     if ct:
         metrics.append("target-language perplexity")
     metrics += [f"lm-eval {task}" for task in ev.lm_eval]
@@ -139,7 +211,9 @@ def _inputs_key(path: Path, tasks, settings: EvalConfig) -> str:
     """What a model's metrics depend on: its weight files (name, size, mtime), the tasks, the settings."""
     weights = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(path).glob("*.safetensors"))]
     task_data = [(t.name, [(i.question, i.answer) for i in t.items], t.fmt, t.digits, t.n_shot)
-                 if isinstance(t, TaskSet) else (t.name, t.docs) for t in tasks]
+                 if isinstance(t, TaskSet) else
+                 (t.name, "solution_nll", [(i.question, i.solution) for i in t.items], t.fmt, t.n_shot)
+                 if isinstance(t, SolutionSet) else (t.name, t.docs) for t in tasks]
     return fingerprint({"model": str(path), "weights": weights, "tasks": task_data,
                         "settings": {"max_new_tokens": settings.max_new_tokens, "lm_eval": settings.lm_eval}})
 
@@ -162,6 +236,20 @@ def score_task(model, tokenizer, task: TaskSet, settings: EvalConfig, jsonl: Pat
     return accuracy_record(correct, len(task.items), no_answer)
 
 
+def score_solutions(model, tokenizer, task: SolutionSet, settings: EvalConfig, jsonl: Path) -> dict:
+    """Solution NLL of one model on one set (mean per-token NLL per item; their mean and 95% interval);
+    writes each item's value to `jsonl` (for paired comparisons)."""
+    prompts = [prompt_text(tokenizer, task.fmt, item.question, task.n_shot) for item in task.items]
+    scores = solution_nll(model, tokenizer, list(zip(prompts, [i.solution for i in task.items])),
+                          batch_size=settings.batch_size)
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for item, score in zip(task.items, scores):
+            f.write(json.dumps({"task": task.name, "source": item.source, "question": item.question,
+                                "solution": item.solution, **score}, ensure_ascii=False) + "\n")
+    return {"kind": "solution_nll", **mean_interval([s["nll"] for s in scores]),
+            "tokens": sum(s["tokens"] for s in scores)}
+
+
 def evaluate_model(path: Path, tasks, settings: EvalConfig, model_dir: Path, log=print) -> dict:
     """{task name: metric record} of one model (loaded once for all its tasks)."""
     model, tokenizer = load_model(path)
@@ -172,6 +260,9 @@ def evaluate_model(path: Path, tasks, settings: EvalConfig, model_dir: Path, log
             if isinstance(task, PerplexitySet):
                 metrics[task.name] = {"kind": "perplexity",
                                       **perplexity(model, tokenizer, list(task.docs), batch_size=settings.batch_size)}
+            elif isinstance(task, SolutionSet):
+                metrics[task.name] = score_solutions(model, tokenizer, task, settings,
+                                                     model_dir / f"{_file_name(task.name)}.jsonl")
             else:
                 metrics[task.name] = score_task(model, tokenizer, task, settings,
                                                 model_dir / f"{_file_name(task.name)}.jsonl")
@@ -188,6 +279,8 @@ def _summary(record: dict) -> str:
         return f"{100 * record['accuracy']:.1f}% ({record['correct']}/{record['n']})"
     if record["kind"] == "perplexity":
         return f"perplexity {record['perplexity']:.2f} over {record['tokens']} tokens"
+    if record["kind"] == "solution_nll":
+        return f"solution NLL {record['mean']:.3f} over {record['n']} items"
     return f"{record['value']:.4f}"
 
 
@@ -227,7 +320,8 @@ def evaluate_models(models: dict[str, Path], *, tasks: list, out_dir, settings: 
                     notes.append(lm_eval_note)
                     log(f"  lm-eval: {e}")
             write_json_atomic(saved, {"model": name, "path": str(path), "key": key, "metrics": rows[name]})
-        files[name] = {t.name: str(model_dir / f"{_file_name(t.name)}.jsonl") for t in tasks if isinstance(t, TaskSet)}
+        files[name] = {t.name: str(model_dir / f"{_file_name(t.name)}.jsonl") for t in tasks
+                       if isinstance(t, (TaskSet, SolutionSet))}
     return write_results(rows, models, tasks, out_dir, notes, files)
 
 
@@ -235,8 +329,11 @@ def write_results(rows: dict, models: dict, tasks: list, out_dir: Path, notes: l
     """results.json, results.md and results.png from the per-model metrics."""
     columns = {}
     for task in tasks:
-        columns[task.name] = ({"kind": "perplexity", "documents": len(task.docs)} if isinstance(task, PerplexitySet)
-                              else {"kind": "accuracy", "n": len(task.items), "n_shot": task.n_shot})
+        if isinstance(task, PerplexitySet):
+            columns[task.name] = {"kind": "perplexity", "documents": len(task.docs)}
+        else:
+            kind = "solution_nll" if isinstance(task, SolutionSet) else "accuracy"
+            columns[task.name] = {"kind": kind, "n": len(task.items), "n_shot": task.n_shot}
     for metrics in rows.values():
         for metric, record in metrics.items():
             columns.setdefault(metric, {"kind": record["kind"]})

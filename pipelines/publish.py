@@ -43,7 +43,8 @@ def merge_card(loaded, deps: dict, refs) -> dict:
     base = source_hint(profile.base, records.get(profile.base.label()))
     lineage = [base["hub"]] if "hub" in base else []
     trained = {"language": _language_expert_note(profile)}
-    trained.update({n: f"{e.task} expert trained by this run: SFT ({e.sft.train.method}) of the base"
+    trained.update({n: f"{e.task} expert trained by this run: SFT ({e.sft.train.method}) of the "
+                       + ("language expert" if e.sft.from_ == "language" else "base")
                     for n, e in profile.experts.items() if e.sft is not None})
     inputs = {}
     for ref in refs:

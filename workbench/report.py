@@ -1,8 +1,9 @@
-"""The run report (`report.md`, `report.json`): every model on every metric, what was merged and how, and a
-plain statement of which model did best on the target language and whether each merge beat each expert.
+"""The run report (`report.md`, `report.json`): every model on every metric, what was merged and how, which
+model is recommended on the target language and by which rule, and each merge compared item by item with each
+expert and baseline (`comparisons`; the Outcome states what is detectable).
 
-Reads finished stage records (plain data) only; numbers are copied from the evaluation's own results file,
-never recomputed, so the report and the evaluation outputs agree by construction.
+Reads finished stage records (plain data) only; the table's numbers are copied from the evaluation's own
+results file, never recomputed, and the paired comparisons are computed from the per-item records it names.
 """
 import json
 import math
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from workbench.evaluation.compare import compare_models, describe_comparison
 from workbench.evaluation.table import markdown_table, wilson_interval
 from workbench.export.modelfile import run_commands
 from workbench.merge.card import describe_entered
@@ -35,59 +37,111 @@ def target_accuracy(metrics: dict, code: str) -> dict | None:
     return {"accuracy": correct / n, "low": low, "high": high, "correct": correct, "n": n, "tasks": used}
 
 
+def target_nll(metrics: dict, code: str) -> dict | None:
+    """Solution NLL pooled over the target-language sets: the item-weighted mean of their means."""
+    recs = {t: r for t, r in metrics.items()
+            if r.get("kind") == "solution_nll" and t.endswith(f"_{code}") and r.get("n")}
+    if not recs:
+        return None
+    n = sum(r["n"] for r in recs.values())
+    return {"mean": sum(r["mean"] * r["n"] for r in recs.values()) / n, "n": n, "tasks": list(recs)}
+
+
 def _perplexity(metrics: dict, code: str):
     rec = metrics.get(f"perplexity_{code}")
     return rec["perplexity"] if rec else None
 
 
-def verdicts(rows: dict, code: str, merges: list, experts: list) -> dict:
-    """Best model on the target language, and each merge against each expert, stated plainly."""
+# The recommendation's rules, in order: the target-language task first, then how well the model reads the language.
+RULES = (("target-language accuracy", max), ("target-language solution NLL", min), ("target-language perplexity", min))
+
+
+def recommend(rows: dict, code: str) -> dict | None:
+    """{"best", "rule", "tied"}: the model with the highest target-language accuracy; among those tied on it,
+    the lowest target-language solution NLL; then the lowest perplexity; then the first in table order.
+    `rule` names the rule that left one model, `tied` the models it separated. None when no model has a
+    target-language task score (accuracy or solution NLL)."""
+    values = {m: ((target_accuracy(metrics, code) or {}).get("accuracy"), (target_nll(metrics, code) or {}).get("mean"),
+                  _perplexity(metrics, code)) for m, metrics in rows.items()}
+    pool = [m for m, v in values.items() if v[0] is not None or v[1] is not None]
+    if not pool:
+        return None
+    for i, (rule, pick) in enumerate(RULES):
+        scored = [m for m in pool if values[m][i] is not None and not math.isnan(values[m][i])]
+        if not scored:
+            continue
+        top = pick(values[m][i] for m in scored)
+        tied, pool = pool, [m for m in scored if values[m][i] == top]
+        if len(pool) == 1:
+            return {"best": pool[0], "rule": rule, "tied": [m for m in tied if m != pool[0]]}
+    return {"best": pool[0], "rule": "table order (tied on every rule)", "tied": pool[1:]}
+
+
+def verdicts(rows: dict, code: str) -> dict:
+    """The recommended model on the target language, with the rule that decided, stated plainly."""
     scored = {m: target_accuracy(metrics, code) for m, metrics in rows.items()}
     scored = {m: s for m, s in scored.items() if s is not None}
-    out = {"target_accuracy": scored, "statements": []}
-    if not scored:
+    nll = {m: target_nll(metrics, code) for m, metrics in rows.items()}
+    out = {"target_accuracy": scored, "target_solution_nll": {m: v for m, v in nll.items() if v},
+           "statements": []}
+    choice = recommend(rows, code)
+    if choice is None:
         out["statements"].append("No target-language task was evaluated, so no model can be called best on it.")
         return out
-
-    def key(m):
-        ppl = _perplexity(rows[m], code)
-        return (scored[m]["accuracy"], -(ppl if ppl is not None else math.inf))
-
-    best = max(scored, key=key)
-    top = scored[best]
-    out["best"] = best
-    tied = [m for m in scored if m != best and scored[m]["accuracy"] == top["accuracy"]]
-    line = (f"Best on the target language: **{best}**, {100 * top['accuracy']:.1f}% "
-            f"({top['correct']}/{top['n']}, 95% interval {100 * top['low']:.1f}–{100 * top['high']:.1f}%) "
-            f"pooled over {', '.join(top['tasks'])}")
-    if tied:
-        line += f"; tied on accuracy with {', '.join(tied)} (lower target-language perplexity decided)"
-    overlapping = [m for m in scored if m != best and scored[m]["high"] >= top["low"]]
-    if overlapping:
-        line += (f". Its interval overlaps those of {', '.join(overlapping)}: at this sample size the ranking is "
-                 f"not conclusive")
+    best = out["best"] = choice["best"]
+    out["rule"] = choice["rule"]
+    parts = []
+    if best in scored:
+        top = scored[best]
+        parts.append(f"{100 * top['accuracy']:.1f}% ({top['correct']}/{top['n']}, 95% interval "
+                     f"{100 * top['low']:.1f}–{100 * top['high']:.1f}%) pooled over {', '.join(top['tasks'])}")
+    if nll.get(best):
+        parts.append(f"solution NLL {nll[best]['mean']:.3f} over {nll[best]['n']} items of "
+                     f"{', '.join(nll[best]['tasks'])}")
+    line = f"Best on the target language: **{best}**, " + "; ".join(parts)
+    line += f". Decided by {choice['rule']}" + (f" (among {', '.join(choice['tied'])})" if choice["tied"] else "")
+    if best in scored:
+        overlapping = [m for m in scored if m != best and scored[m]["high"] >= scored[best]["low"]]
+        if overlapping and choice["rule"] == RULES[0][0]:
+            line += (f". Its accuracy interval overlaps those of {', '.join(overlapping)}: at this sample size the "
+                     f"ranking is not conclusive")
     out["statements"].append(line + ".")
-    for merge in merges:
-        if merge not in scored:
-            continue
-        m = scored[merge]
-        for expert in experts:
-            if expert not in scored:
-                continue
-            e = scored[expert]
-            diff = m["accuracy"] - e["accuracy"]
-            verb = "beat" if diff > 0 else ("tied with" if diff == 0 else "did not beat")
-            sig = "" if diff == 0 else (" (intervals overlap: not a significant difference)"
-                                        if m["low"] <= e["high"] and e["low"] <= m["high"] else " (intervals apart)")
-            out["statements"].append(f"{merge} {verb} {expert}: {100 * m['accuracy']:.1f}% vs "
-                                     f"{100 * e['accuracy']:.1f}%{sig}.")
     return out
 
 
+def comparison_pairs(profile) -> list[tuple[str, str]]:
+    """(merge, other) for every merge that is not a baseline, against the language expert, each task expert
+    and each baseline (`eval.baselines`)."""
+    baselines = list(profile.eval.baselines)
+    merges = [m for m in profile.merges if m not in baselines]
+    others = ["language"] + [e for e in profile.experts if e not in baselines] + baselines
+    return [(m, o) for m in merges for o in others]
+
+
+def comparison_statements(comparisons: list, pairs: list) -> list[str]:
+    """One line per merge with its detectable differences; one line for all merges with none."""
+    lines, quiet = [], []
+    merges = list(dict.fromkeys(a for a, _ in pairs))
+    for merge in merges:
+        mine = [c for c in comparisons if c["a"] == merge]
+        found = [c for c in mine if c["verdict"] != "tie"]
+        if not found:
+            quiet.append(merge)
+            continue
+        rest = len(mine) - len(found)
+        found_text = "; ".join(f"vs {c['b']}, {describe_comparison(c)}: {c['verdict']}" for c in found)
+        lines.append(f"**{merge}**: {found_text}"
+                     + (f"; no detectable difference in its {rest} other comparisons" if rest else "") + ".")
+    if quiet and comparisons:
+        others = list(dict.fromkeys(b for a, b in pairs if a in quiet))
+        lines.append(f"{', '.join(quiet)}: no detectable difference from {', '.join(others)} on any paired metric "
+                     f"(solution NLL: paired bootstrap 95% interval; accuracy: McNemar exact p < 0.05).")
+    return lines
+
+
 def run_verdicts(loaded, table: dict) -> dict:
-    """The verdicts of a run's evaluation table (which model is best, each merge against each expert)."""
-    profile = loaded.profile
-    return verdicts(table["rows"], loaded.language.code, list(profile.merges), ["language"] + list(profile.experts))
+    """The verdict of a run's evaluation table: which model is recommended, and by which rule."""
+    return verdicts(table["rows"], loaded.language.code)
 
 
 def recommended_model(loaded, table: dict) -> str | None:
@@ -102,6 +156,9 @@ def write_report(loaded, records: dict, run_dir) -> dict:
     table = _load(records["evaluate"]["outputs"]["table"])
     merges = list(profile.merges)
     verdict = run_verdicts(loaded, table)
+    pairs = comparison_pairs(profile)
+    comparisons = compare_models(table, pairs)
+    verdict["statements"] += comparison_statements(comparisons, pairs)
     merge_reports = {n: _load(records[f"merge:{n}"]["outputs"]["report"]) for n in merges}
     assets = run_dir / "report_assets"
     assets.mkdir(exist_ok=True)
@@ -117,6 +174,8 @@ def write_report(loaded, records: dict, run_dir) -> dict:
         "table": {"columns": table["columns"], "rows": table["rows"], "notes": table.get("notes", [])},
         "models": table["models"],
         "verdict": verdict,
+        "baselines": list(profile.eval.baselines),
+        "comparisons": comparisons,
         "merges": {n: {"method": r["method"], "layer_swap": r.get("layer_swap"), "experts": r["experts"],
                        "notes": r["notes"], "seconds": r["seconds"]} for n, r in merge_reports.items()},
         "fertility": fertility,
@@ -141,6 +200,7 @@ def render_markdown(body: dict, table: dict) -> str:
         out += [f"What this run is, as its profile says: {body['description']}", ""]
     out += ["## Outcome", ""] + [f"- {s}" for s in body["verdict"]["statements"]] + [""]
     out += ["## Results", "", markdown_table(table).rstrip(), "", "![results](report_assets/results.png)", ""]
+    out += comparisons_section(body.get("comparisons") or [])
     out += ["## What changed where: delta heatmap", "",
             "Relative change ‖δ‖/‖θ_b‖ of each expert per layer and module kind against the base.", "",
             "![delta heatmap](report_assets/delta_heatmap.png)", ""]
@@ -173,6 +233,23 @@ def render_markdown(body: dict, table: dict) -> str:
             yaml.safe_dump(body["settings"], sort_keys=False, allow_unicode=True).rstrip(), "```", "",
             "Input files and their sha256 are in `report.json` (`inputs`).", ""]
     return "\n".join(out)
+
+
+def comparisons_section(comparisons: list) -> list:
+    """Every paired comparison as a table row: a - b with its 95% interval, n, McNemar's p, the verdict."""
+    if not comparisons:
+        return []
+    out = ["## Paired comparisons", "",
+           "Each merge against each expert and baseline, item by item on the same problems: a - b in solution "
+           "NLL (nats per token; paired bootstrap 95% interval, lower is better) and in accuracy (points; paired "
+           "bootstrap 95% interval and McNemar's exact p).", "",
+           "| a | b | metric | a - b [95%] | n | p | verdict |", "| --- | --- | --- | --- | ---: | ---: | --- |"]
+    for c in comparisons:
+        scale, unit = (1, ".3f") if c["kind"] == "solution_nll" else (100, ".1f")
+        cell = f"{scale * c['difference']:+{unit}} [{scale * c['low']:+{unit}}, {scale * c['high']:+{unit}}]"
+        p = f"{c['p']:.3g}" if "p" in c else ""
+        out.append(f"| {c['a']} | {c['b']} | {c['metric']} | {cell} | {c['n']} | {p} | {c['verdict']} |")
+    return out + [""]
 
 
 def export_summary(record: dict | None) -> dict | None:

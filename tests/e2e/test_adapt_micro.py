@@ -121,7 +121,19 @@ def test_every_artifact_is_written(run):
         for task in ("mgsm_sw", "generated_sw", "generated_en"):
             items = run["jsonl"][f"{model}/{task}.jsonl"]
             assert len(items) == 2 and {"prompt", "output", "extracted", "gold"} <= set(items[0])
-    assert "Best on the target language" in run["report_md"]
+    for model in ("base", "language", "math", "ct_then_sft", "model_soup") + MERGES:
+        for task in ("nll_mgsm_sw", "nll_generated_sw", "nll_generated_en"):
+            items = run["jsonl"][f"{model}/{task}.jsonl"]
+            assert len(items) == 4 and all(i["tokens"] > 0 and i["nll"] > 0 for i in items)
+            record = run["results"]["rows"][model][task]
+            assert record["kind"] == "solution_nll" and record["n"] == 4 and record["low"] <= record["mean"]
+    # Each merge against both experts and both baselines, item by item, on every paired metric.
+    pairs = {(c["a"], c["b"]) for c in run["report"]["comparisons"]}
+    assert pairs == {(m, o) for m in MERGES for o in ("language", "math", "ct_then_sft", "model_soup")}
+    assert {c["metric"] for c in run["report"]["comparisons"]} == {
+        "mgsm_sw", "generated_sw", "generated_en", "nll_mgsm_sw", "nll_generated_sw", "nll_generated_en"}
+    assert "Best on the target language" in run["report_md"] and "Decided by" in run["report_md"]
+    assert "## Paired comparisons" in run["report_md"]
     swap = run["report"]["merges"]["layer_swap"]["layer_swap"]
     assert swap["bottom"] + swap["top"] > 0 and any(a == 1.0 for a in swap["alphas"])
 

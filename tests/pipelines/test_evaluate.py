@@ -16,8 +16,9 @@ from workbench.errors import ConfigError
 from workbench.evaluation.generation import generate
 from workbench.evaluation.perplexity import perplexity, token_batches, windows
 from workbench.pipelines import evaluate as evaluate_module
-from workbench.pipelines.evaluate import (PerplexitySet, TaskSet, evaluate_models, generated_task, run_lm_eval,
-                                         tasks_from_config)
+from workbench.pipelines.evaluate import (
+    PerplexitySet, TaskSet, answer_statement, evaluate_models, generated_task, run_lm_eval, tasks_from_config
+)
 
 
 @pytest.fixture
@@ -50,13 +51,15 @@ def test_workbench_eval_end_to_end(tiny_llama_factory, shared_data, heldout_docs
     out_dir = tmp_path / "eval"
     cmd = [sys.executable, "-m", "workbench", "eval", str(base_dir), f"tied model={tied_dir}", "--out", str(out_dir),
            "--lang", "sw", "--mgsm", str(shared_data / "mgsm" / "mgsm_sw.tsv"), "--samples", "6",
-           "--heldout", str(tmp_path / "heldout.txt"), "--generated", "3", "--max-new-tokens", "8",
-           "--batch-size", "4", "--lm-eval", "belebele_swh_Latn"]
+           "--heldout", str(tmp_path / "heldout.txt"), "--generated", "3", "--solution-nll", "5",
+           "--max-new-tokens", "8", "--batch-size", "4", "--lm-eval", "belebele_swh_Latn"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
 
     table = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
-    assert list(table["columns"]) == ["mgsm_sw", "generated_sw", "generated_en", "perplexity_sw"]
+    assert list(table["columns"]) == ["mgsm_sw", "nll_mgsm_sw", "generated_sw", "nll_generated_sw", "generated_en",
+                                      "nll_generated_en", "perplexity_sw"]
+    assert table["columns"]["nll_generated_sw"] == {"kind": "solution_nll", "n": 5, "n_shot": 0}
     assert list(table["rows"]) == ["base", "tied model"]
     for model in ("base", "tied model"):
         mgsm = table["rows"][model]["mgsm_sw"]
@@ -72,6 +75,17 @@ def test_workbench_eval_end_to_end(tiny_llama_factory, shared_data, heldout_docs
     assert {"prompt", "output", "extracted", "gold", "correct", "source"} <= set(records[0])
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") and "Swali: " in r["prompt"] for r in records)
     assert all(r["source"].startswith("mgsm_sw.tsv:") for r in records)
+    for column in ("nll_mgsm_sw", "nll_generated_sw", "nll_generated_en"):
+        record = table["rows"]["base"][column]
+        assert record["kind"] == "solution_nll" and record["n"] == 5
+        assert record["low"] < record["mean"] < record["high"]
+        items = [json.loads(line) for line in (out_dir / "base" / f"{column}.jsonl").read_text().splitlines()]
+        assert record["mean"] == pytest.approx(sum(i["nll"] for i in items) / 5)
+        assert record["tokens"] == sum(i["tokens"] for i in items)
+    assert json.loads((out_dir / "base" / "nll_mgsm_sw.jsonl").read_text().splitlines()[0])["solution"].startswith(
+        "Jibu ni ")
+    assert "solution NLL" in md and table["files"]["predictions"]["base"]["nll_generated_sw"].endswith(
+        "nll_generated_sw.jsonl")
     generated = (out_dir / "base" / "generated_en.jsonl").read_text().splitlines()
     assert len(generated) == 3 and "Question: " in json.loads(generated[0])["prompt"]
 
@@ -124,15 +138,32 @@ def test_generation_pads_left_and_stops_at_the_stop_string(tiny_llama_factory):
 
 def test_tasks_from_the_profile_and_its_fast_variant(heldout_docs):
     full = tasks_from_config(load_language("sw"), heldout_docs=heldout_docs)
-    assert [t.name for t in full] == ["mgsm_sw", "generated_sw", "generated_en", "perplexity_sw"]
-    mgsm, gen_sw, gen_en, ppl = full
+    assert [t.name for t in full] == ["mgsm_sw", "nll_mgsm_sw", "generated_sw", "nll_generated_sw", "generated_en",
+                                      "nll_generated_en", "perplexity_sw"]
+    mgsm, nll_mgsm, gen_sw, nll_sw, gen_en, nll_en, ppl = full
+    assert len(nll_mgsm.items) == len(nll_sw.items) == len(nll_en.items) == 48  # eval.solution_nll_items
+    # The accuracy items are among the likelihood items; MGSM's gold is stated in the exemplar's words.
+    assert {i.question for i in mgsm.items} <= {i.question for i in nll_mgsm.items}
+    assert [i.question for i in gen_sw.items] == [i.question for i in nll_sw.items[:12]]
+    assert nll_mgsm.items[0].solution.startswith("Jibu ni ") and nll_sw.items[0].solution.endswith(
+        f"Jibu ni {gen_sw.items[0].answer}.")
+    assert nll_en.fmt.template.startswith("Question: ") and nll_en.items[0].solution.endswith(
+        f"The answer is {gen_en.items[0].answer}.")
     assert len(mgsm.items) == 12 and mgsm.fmt.template.startswith("Swali: ")
-    assert len(gen_sw.items) == 20 and gen_en.fmt.template.startswith("Question: ")
+    assert len(gen_sw.items) == 12 and gen_en.fmt.template.startswith("Question: ")
     assert [i.answer for i in gen_sw.items] == [i.answer for i in gen_en.items]  # parallel sets
     assert len(ppl.docs) == 6
     fast = tasks_from_config(load_language("sw", fast=True))
     assert len(fast[0].items) == 2 and set(fast[0].items) <= set(mgsm.items)
     assert load_language("bn").language.digits == tasks_from_config(load_language("bn"))[0].digits
+
+
+def test_mgsm_answers_in_each_language_format():
+    statements = {code: answer_statement(tasks_from_config(load_language(code))[0].fmt, 18)
+                  for code in ("sw", "te", "bn", "ja")}
+    assert statements == {"sw": "Jibu ni 18.", "te": "సమాధానం 18.", "bn": "উত্তর হল 18।", "ja": "答えは18です。"}
+    assert answer_statement(evaluate_module.ENGLISH_FORMAT, 2.5) == "The answer is 2.5."
+    assert answer_statement(evaluate_module.PromptFormat(), 3) is None
 
 
 def test_finished_models_are_not_evaluated_again(tiny_llama_factory, tmp_path, monkeypatch):

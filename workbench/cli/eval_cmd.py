@@ -31,6 +31,8 @@ def add_arguments(parser):
     parser.add_argument("--heldout", metavar="FILE", help="held-out target-language text, one document a line")
     parser.add_argument("--generated", type=int, metavar="N", help="held-out generated problems per language "
                         "(default: the profile's eval.generated_problems; 0 without --lang)")
+    parser.add_argument("--solution-nll", type=int, metavar="N", help="items per set scored by the likelihood of "
+                        "their gold worked solution (default: the profile's eval.solution_nll_items; with --lang)")
     parser.add_argument("--n-shot", type=int, metavar="K", help="exemplars before each question (default 0)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N")
     parser.add_argument("--batch-size", type=int, metavar="N")
@@ -43,6 +45,7 @@ def add_arguments(parser):
 def _overrides(args) -> list:
     """Command-line options as profile overrides (so they are validated like the YAML)."""
     pairs = [("eval.mgsm.samples", args.samples), ("eval.generated_problems", args.generated),
+             ("eval.solution_nll_items", args.solution_nll),
              ("eval.n_shot", args.n_shot), ("eval.max_new_tokens", args.max_new_tokens),
              ("eval.batch_size", args.batch_size),
              ("eval.lm_eval", args.lm_eval.split(",") if args.lm_eval else None),

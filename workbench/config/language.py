@@ -209,6 +209,8 @@ class SftConfig:
     data: SftData = option()
     train: TrainConfig = option(default_factory=TrainConfig)
     max_length: int = number(256, lo=16, doc="tokens per rendered (prompt, answer) pair")
+    from_: Literal["base", "language"] = option("base", key="from", doc="the model SFT starts from: the base, or "
+                                                "the language expert (Tao et al.'s CT-then-SFT baseline)")
 
 
 @dataclass(kw_only=True)
@@ -256,11 +258,15 @@ class EvalConfig:
         "target_and_english", doc="english: only the English problems (task retention), for a language without "
                                   "word-problem templates")
     generated_seed: int = number(1234, lo=0)
+    solution_nll_items: int = number(200, lo=0, doc="problems per set scored by solution NLL (generated in the "
+                                                    "language and in English, MGSM): likelihood, no generation")
     mgsm: Optional[MgsmEvalConfig] = option(None)
     n_shot: int = number(0, lo=0)
     max_new_tokens: int = number(48, lo=1)
     batch_size: int = number(8, lo=1)
     lm_eval: list[str] = option(default_factory=list, doc="lm-eval task names, when lm-eval and the hub are there")
+    baselines: list[str] = option(default_factory=list, doc="task experts or merges that are the papers' baselines "
+                                  "(ct_then_sft, model_soup): every other merge is compared with each of them")
     lm_eval_include: Optional[str] = option(None, doc="a folder of your own lm-eval task YAMLs (relative to the "
                                                       "language file); tasks whose data is local run offline")
 
@@ -316,6 +322,16 @@ class LanguageConfig:
             for role in profile.experts:
                 if role in RESERVED_ROLES:
                     raise (pw / "experts" / role).error(f"{role!r} is reserved; expected another expert name")
+            if profile.language_expert.sft is not None and profile.language_expert.sft.from_ != "base":
+                raise (pw / "language_expert" / "sft" / "from").error(
+                    f"the language expert's SFT starts from the base; expected 'base', got "
+                    f"{profile.language_expert.sft.from_!r}")
+            candidates = list(profile.experts) + list(profile.merges)
+            for i, name in enumerate(profile.eval.baselines):
+                if name not in candidates:
+                    raise (pw / "eval" / "baselines" / i).error(
+                        f"{name!r} is neither a task expert nor a merge of this profile; expected one of: "
+                        f"{', '.join(candidates)}")
             roles = set(RESERVED_ROLES) | set(profile.experts)
             for mname, recipe in profile.merges.items():
                 if mname in roles:

@@ -3,8 +3,8 @@
 Each document is tokenized on its own (with the special tokens the tokenizer adds, e.g. BOS) and cut into
 windows of at most `max_length` tokens that overlap by one token, so every token after the document's
 first is scored exactly once, with the context of its own window (the context restarts at a window
-boundary: a cheaper, slightly pessimistic choice than a sliding window). Windows are batched with right
-padding; the NLL is computed in fp32 from the logits.
+boundary: a cheaper, slightly pessimistic choice than a sliding window). Windows are batched (`row_nll`);
+the NLL is computed in fp32 from the logits.
 """
 import math
 
@@ -22,20 +22,41 @@ def windows(ids: list[int], max_length: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def window_nll(model, batch: list[list[int]]) -> tuple[float, int]:
-    """Summed NLL and the number of scored tokens of a batch of windows (right-padded)."""
+def row_nll(model, batch: list[list[int]], starts: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """Teacher-forced NLL of each row of a batch: (summed NLL, scored tokens) per row.
+
+    Row i scores its tokens from position `starts[i]` on (default 1: every token after the first), each given
+    all the tokens before it; the NLL is computed in fp32 from the logits. Rows are padded on the left (with
+    their own position ids), so every row's scored tokens end at the last position and the model computes
+    logits only for the last positions any row scores: where only a short answer is scored after a long
+    prompt, the vocabulary-wide logits of the prompt are never made.
+    """
+    starts = starts or [1] * len(batch)
     width = max(len(w) for w in batch)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, w in enumerate(batch):
-        input_ids[i, :len(w)] = torch.tensor(w)
-        mask[i, :len(w)] = 1
-    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                          reduction="sum")
-    return nll.item(), int((labels != -100).sum())
+    scored = torch.zeros(len(batch), width, dtype=torch.bool)
+    for i, (w, start) in enumerate(zip(batch, starts)):
+        if not 1 <= start <= len(w):
+            raise ValueError(f"row {i}: the first scored position must be in 1..{len(w)}, got {start}")
+        pad = width - len(w)
+        input_ids[i, pad:] = torch.tensor(w)
+        mask[i, pad:] = 1
+        scored[i, pad + start:] = True
+    keep = int(scored.sum(dim=1).max()) + 1  # logits at the positions before the scored tokens
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, mask, scored = input_ids.to(model.device), mask.to(model.device), scored.to(model.device)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions.to(model.device),
+                   logits_to_keep=keep).logits[:, :-1].float()
+    labels = input_ids[:, width - keep + 1:].masked_fill(~scored[:, width - keep + 1:], -100)
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(dim=1).tolist(), (labels != -100).sum(dim=1).tolist()
+
+
+def window_nll(model, batch: list[list[int]]) -> tuple[float, int]:
+    """Summed NLL and the number of scored tokens of a batch of windows."""
+    sums, counts = row_nll(model, batch)
+    return sum(sums), sum(counts)
 
 
 def token_batches(pieces: list[list[int]], batch_size: int, max_batch_tokens: int) -> list[list[list[int]]]:

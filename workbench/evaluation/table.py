@@ -3,6 +3,8 @@
 The table is `{"columns": {metric: {"kind", ...}}, "rows": {model: {metric: record}}}` where a record is
 - accuracy: {"kind": "accuracy", "accuracy", "low", "high" (Wilson 95%), "correct", "n", "no_answer"};
 - perplexity: {"kind": "perplexity", "perplexity", "nll", "tokens", "documents"};
+- solution_nll: {"kind": "solution_nll", "mean", "low", "high" (normal 95%), "n", "tokens"}: the mean over
+  items of each gold solution's per-token NLL given the prompt (`likelihood.py`);
 - lm_eval: {"kind": "lm_eval", "metric", "value", "stderr"} (lm-eval's own numbers).
 """
 import math
@@ -38,6 +40,8 @@ def _cell(record: dict | None) -> str:
                 f"({record['correct']}/{record['n']})")
     if kind == "perplexity":
         return f"{record['perplexity']:.2f}"
+    if kind == "solution_nll":
+        return f"{record['mean']:.3f} [{record['low']:.3f}, {record['high']:.3f}] (n={record['n']})"
     stderr = record.get("stderr")
     return f"{record['value']:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
 
@@ -53,6 +57,9 @@ def markdown_table(table: dict) -> str:
     kinds = {spec["kind"] for spec in table["columns"].values()}
     if "accuracy" in kinds:
         notes.append("Accuracy in %, [Wilson 95% interval], (correct/total).")
+    if "solution_nll" in kinds:
+        notes.append("nll_*: solution NLL, the mean per-token NLL (nats) of the gold worked solution given the "
+                     "prompt, [95% interval], (items): lower is better.")
     if "perplexity" in kinds:
         notes.append("Perplexity: lower is better.")
     if "lm_eval" in kinds:
@@ -61,14 +68,15 @@ def markdown_table(table: dict) -> str:
 
 
 def plot_table(table: dict, path) -> Path:
-    """A bar chart PNG: accuracies (with Wilson intervals) and 0-1 lm-eval scores in one panel,
-    perplexities (values written on the bars) in another."""
+    """A bar chart PNG: accuracies (with Wilson intervals) and 0-1 lm-eval scores in one panel, solution NLLs
+    (with their intervals) beside them in the next, perplexities (values written on the bars) in the last."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     models = list(table["rows"])
     scored = [c for c, spec in table["columns"].items() if spec["kind"] in ("accuracy", "lm_eval")]
+    nll = [c for c, spec in table["columns"].items() if spec["kind"] == "solution_nll"]
     ppl = [c for c, spec in table["columns"].items() if spec["kind"] == "perplexity"]
-    panels = [p for p in (scored, ppl) if p]
+    panels = [p for p in (scored, nll, ppl) if p]
     fig = Figure(figsize=(max(6.0, 1.2 * len(models) * max(len(p) for p in panels) + 2), 4.2 * len(panels)),
                  layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
@@ -91,6 +99,8 @@ def plot_table(table: dict, path) -> Path:
         ax.set_xticks(range(len(metrics)), metrics, rotation=15 if len(metrics) > 3 else 0)
         if metrics is ppl:
             ax.set_ylabel("perplexity (lower is better)")
+        elif metrics is nll:
+            ax.set_ylabel("solution NLL, nats/token (95% interval; lower is better)")
         else:
             ax.set_ylabel("accuracy % (Wilson 95% interval)")
             ax.set_ylim(0, 100)
@@ -109,6 +119,11 @@ def _bar(record) -> tuple:
     if record["kind"] == "perplexity":
         v = record["perplexity"]
         return (v, v, v) if math.isfinite(v) else (None, None, None)  # no interval: drawn without error bars
+    if record["kind"] == "solution_nll":
+        v, low, high = record["mean"], record["low"], record["high"]
+        if not math.isfinite(v):
+            return None, None, None
+        return (v, low, high) if math.isfinite(low) else (v, v, v)
     if not 0 <= record["value"] <= 1:  # an lm-eval metric off the 0-1 scale (e.g. word_perplexity): table only
         return None, None, None
     v, se = 100 * record["value"], 100 * (record.get("stderr") or 0.0)
