@@ -222,15 +222,21 @@ def _add_task_expert(graph, loaded, name, expert, callbacks, memory):
 
 def _add_analysis(graph, loaded, expert_stages):
     profile = loaded.profile
+    # The experts the merges are made of. A baseline expert no merge takes (CT-then-SFT) is left out: it is
+    # compared at evaluation, and, trained on top of an extended-vocabulary language expert, it has that
+    # expert's vocabulary too, which a delta against the base cannot hold beside the language expert's.
+    merged = {ref for recipe in profile.merges.values() for ref in recipe.references()}
+    analyzed = [n for n in profile.experts if n not in profile.eval.baselines or n in merged]
 
     def analyze(stage, deps):
         experts = {"language": _model_of(deps, "language", profile)}
-        experts.update({n: _model_of(deps, n, profile) for n in profile.experts})
+        experts.update({n: _model_of(deps, n, profile) for n in analyzed})
         profiles = analyze_models(_model_of(deps, "base", profile), experts)
         files = write_analysis(profiles, stage.path)
         return {"profile": files["json"], "heatmap": files["heatmap"]}
 
-    graph.add(StageSpec("analyze", {"v": VERSION}, analyze, deps=("fetch", "language_expert") + expert_stages,
+    deps = ("fetch", "language_expert") + tuple(s for s in expert_stages if s.split(":", 1)[1] in analyzed)
+    graph.add(StageSpec("analyze", {"v": VERSION}, analyze, deps=deps,
                         describe="delta magnitudes per layer and module of each expert (heatmap)"))
 
 

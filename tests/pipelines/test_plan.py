@@ -55,3 +55,14 @@ def test_a_profile_needing_lm_eval_fails_before_any_stage_where_it_is_missing(tm
     assert "warning: " in out and "eval.lm_eval" in out
     monkeypatch.undo()
     assert missing_packages(load_language("bo", profile="paper-ties-sv")) == []  # installed here
+
+
+def test_the_analysis_takes_the_experts_the_merges_take_not_a_baseline_none_takes(tmp_path):
+    # Tibetan's micro extends the vocabulary: CT-then-SFT, trained on top of the language expert, has its larger
+    # vocabulary too, and the delta analysis holds one extended model beside the base (found by `adapt --fast`).
+    graph = build_graph(load_language("bo", profile="micro"), tmp_path / "run")
+    analyze = next(s for s in graph.specs if s.name == "analyze")
+    assert "expert:math" in analyze.deps and "language_expert" in analyze.deps
+    assert "expert:ct_then_sft" not in analyze.deps
+    evaluate = next(s for s in graph.specs if s.name == "evaluate")
+    assert "expert:ct_then_sft" in evaluate.deps  # still trained and evaluated, as a baseline
