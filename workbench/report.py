@@ -48,8 +48,9 @@ def target_nll(metrics: dict, code: str) -> dict | None:
 
 
 def _perplexity(metrics: dict, code: str):
+    """Bits per character where recorded (comparable across tokenizers), else per-token perplexity."""
     rec = metrics.get(f"perplexity_{code}")
-    return rec["perplexity"] if rec else None
+    return rec.get("bits_per_char", rec["perplexity"]) if rec else None
 
 
 # The recommendation's rules, in order: the target-language task first, then how well the model reads the language.

@@ -109,6 +109,9 @@ def test_perplexity_windows_score_every_token_once(tiny_llama_factory, heldout_d
                 ids = torch.tensor([w])
                 total += F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum").item()
     assert result["nll"] == pytest.approx(total / result["tokens"], rel=1e-5)
+    # Bits per character: the same summed NLL over the documents' characters, whatever the tokenizer.
+    assert result["characters"] == sum(len(d) for d in heldout_docs)
+    assert result["bits_per_char"] == pytest.approx(total / math.log(2) / result["characters"], rel=1e-5)
     budget = perplexity(model, tokenizer, heldout_docs, max_length=16, batch_size=5, max_batch_tokens=40)
     assert budget["tokens"] == result["tokens"] and budget["nll"] == pytest.approx(result["nll"], rel=1e-5)
 

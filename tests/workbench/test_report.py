@@ -40,6 +40,15 @@ def test_solution_nll_decides_a_tie_on_accuracy_then_perplexity():
     assert "Decided by target-language solution NLL (among b)" in statement
 
 
+def test_the_perplexity_rule_reads_bits_per_character_where_recorded():
+    # An extended-vocabulary model has a higher per-token perplexity than the base on the same text and may
+    # still read it better: bits per character decide, per-token perplexity only where it is all there is.
+    rows = {"base": {**acc(0, 12), **ppl(20)}, "language": {**acc(0, 12), **ppl(70)}}
+    rows["base"]["perplexity_sw"]["bits_per_char"] = 2.4
+    rows["language"]["perplexity_sw"]["bits_per_char"] = 1.9
+    assert recommend(rows, "sw") == {"best": "language", "rule": "target-language perplexity", "tied": ["base"]}
+
+
 def test_no_target_language_task_recommends_nothing():
     rows = {"a": {**ppl(10), **nll(1.0, "nll_generated_en")}}
     assert recommend(rows, "sw") is None

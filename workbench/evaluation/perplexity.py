@@ -5,6 +5,11 @@ windows of at most `max_length` tokens that overlap by one token, so every token
 first is scored exactly once, with the context of its own window (the context restarts at a window
 boundary: a cheaper, slightly pessimistic choice than a sliding window). Windows are batched (`row_nll`);
 the NLL is computed in fp32 from the logits.
+
+Per-token perplexity compares only models that share a tokenizer: a tokenizer that cuts a script into
+byte pieces predicts many easy tokens. Bits per character (the summed NLL over the documents' characters)
+compares across tokenizers, e.g. a model with an extended vocabulary against its base; a document's first
+token, when no BOS precedes it, is not scored by either.
 """
 import math
 
@@ -75,7 +80,8 @@ def token_batches(pieces: list[list[int]], batch_size: int, max_batch_tokens: in
 
 def perplexity(model, tokenizer, docs: list[str], *, max_length: int | None = None, batch_size: int = 8,
                max_batch_tokens: int = 2048) -> dict:
-    """{"perplexity", "nll" (mean per token), "tokens" (scored), "documents"} of `docs` under `model`.
+    """{"perplexity", "nll" (mean per token), "tokens" (scored), "documents", "characters",
+    "bits_per_char"} of `docs` under `model`.
 
     `max_length` defaults to the model's context (`max_position_embeddings`), capped at 1024. A batch holds
     at most `batch_size` windows and `max_batch_tokens` padded tokens (with a 49K vocabulary, 2048 tokens
@@ -91,6 +97,9 @@ def perplexity(model, tokenizer, docs: list[str], *, max_length: int | None = No
         nll, n = window_nll(model, batch)
         total += nll
         count += n
+    chars = sum(len(doc) for doc in docs if doc.strip())
     if count == 0:
-        return {"perplexity": float("nan"), "nll": float("nan"), "tokens": 0, "documents": len(docs)}
-    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count, "documents": len(docs)}
+        return {"perplexity": float("nan"), "nll": float("nan"), "tokens": 0, "documents": len(docs),
+                "characters": chars, "bits_per_char": float("nan")}
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count, "documents": len(docs),
+            "characters": chars, "bits_per_char": total / math.log(2) / chars}

@@ -2,7 +2,7 @@
 
 The table is `{"columns": {metric: {"kind", ...}}, "rows": {model: {metric: record}}}` where a record is
 - accuracy: {"kind": "accuracy", "accuracy", "low", "high" (Wilson 95%), "correct", "n", "no_answer"};
-- perplexity: {"kind": "perplexity", "perplexity", "nll", "tokens", "documents"};
+- perplexity: {"kind": "perplexity", "perplexity", "nll", "tokens", "documents", "characters", "bits_per_char"};
 - solution_nll: {"kind": "solution_nll", "mean", "low", "high" (normal 95%), "n", "tokens"}: the mean over
   items of each gold solution's per-token NLL given the prompt (`likelihood.py`);
 - lm_eval: {"kind": "lm_eval", "metric", "value", "stderr"} (lm-eval's own numbers).
@@ -39,7 +39,8 @@ def _cell(record: dict | None) -> str:
         return (f"{100 * record['accuracy']:.1f} [{100 * record['low']:.1f}, {100 * record['high']:.1f}] "
                 f"({record['correct']}/{record['n']})")
     if kind == "perplexity":
-        return f"{record['perplexity']:.2f}"
+        bpc = record.get("bits_per_char")
+        return f"{record['perplexity']:.2f}" + (f" ({bpc:.3f} bpc)" if bpc is not None else "")
     if kind == "solution_nll":
         return f"{record['mean']:.3f} [{record['low']:.3f}, {record['high']:.3f}] (n={record['n']})"
     stderr = record.get("stderr")
@@ -61,7 +62,8 @@ def markdown_table(table: dict) -> str:
         notes.append("nll_*: solution NLL, the mean per-token NLL (nats) of the gold worked solution given the "
                      "prompt, [95% interval], (items): lower is better.")
     if "perplexity" in kinds:
-        notes.append("Perplexity: lower is better.")
+        notes.append("Perplexity: per token, lower is better; (bpc): bits per character of the same text, which "
+                     "compares models whose tokenizers differ (an extended vocabulary against the base).")
     if "lm_eval" in kinds:
         notes.append("lm-eval tasks: value ± lm-eval's standard error.")
     return "\n".join([head, rule, *rows, "", *notes]) + "\n"
@@ -76,6 +78,7 @@ def plot_table(table: dict, path) -> Path:
     scored = [c for c, spec in table["columns"].items() if spec["kind"] in ("accuracy", "lm_eval")]
     nll = [c for c, spec in table["columns"].items() if spec["kind"] == "solution_nll"]
     ppl = [c for c, spec in table["columns"].items() if spec["kind"] == "perplexity"]
+    bpc = all("bits_per_char" in (row.get(c) or {"bits_per_char": 0}) for row in table["rows"].values() for c in ppl)
     panels = [p for p in (scored, nll, ppl) if p]
     fig = Figure(figsize=(max(6.0, 1.2 * len(models) * max(len(p) for p in panels) + 2), 4.2 * len(panels)),
                  layout="constrained")
@@ -85,7 +88,7 @@ def plot_table(table: dict, path) -> Path:
         for j, model in enumerate(models):
             xs, ys, errs = [], [], [[], []]
             for i, metric in enumerate(metrics):
-                value, low, high = _bar(table["rows"][model].get(metric))
+                value, low, high = _bar(table["rows"][model].get(metric), bpc and metrics is ppl)
                 if value is None:
                     continue
                 xs.append(i - 0.4 + width * (j + 0.5))
@@ -95,10 +98,10 @@ def plot_table(table: dict, path) -> Path:
             bars = ax.bar(xs, ys, width=width * 0.95, yerr=None if metrics is ppl else errs, capsize=3,
                           label=model)
             if metrics is ppl:
-                ax.bar_label(bars, fmt="%.1f", fontsize="small")
+                ax.bar_label(bars, fmt="%.2f" if bpc else "%.1f", fontsize="small")
         ax.set_xticks(range(len(metrics)), metrics, rotation=15 if len(metrics) > 3 else 0)
         if metrics is ppl:
-            ax.set_ylabel("perplexity (lower is better)")
+            ax.set_ylabel("bits per character (lower is better)" if bpc else "perplexity (lower is better)")
         elif metrics is nll:
             ax.set_ylabel("solution NLL, nats/token (95% interval; lower is better)")
         else:
@@ -110,14 +113,14 @@ def plot_table(table: dict, path) -> Path:
     return path
 
 
-def _bar(record) -> tuple:
+def _bar(record, bpc=False) -> tuple:
     """(value, low, high) of a record on its panel's scale; Nones when absent."""
     if record is None:
         return None, None, None
     if record["kind"] == "accuracy":
         return 100 * record["accuracy"], 100 * record["low"], 100 * record["high"]
-    if record["kind"] == "perplexity":
-        v = record["perplexity"]
+    if record["kind"] == "perplexity":  # bits per character where every model has it: it compares across tokenizers
+        v = record["bits_per_char"] if bpc else record["perplexity"]
         return (v, v, v) if math.isfinite(v) else (None, None, None)  # no interval: drawn without error bars
     if record["kind"] == "solution_nll":
         v, low, high = record["mean"], record["low"], record["high"]
