@@ -1,5 +1,6 @@
 """The installed `workbench` command: subcommands, help, exit codes, one-line errors; the package layout."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,22 @@ def test_kernels_and_pipelines_import_only_under_workbench(tmp_path, where):
     pipelines = found["pipelines"]
     # At most the bare folder (a namespace: no code runs) where the repository root is on the path.
     assert pipelines is None or pipelines["origin"] in (None, "namespace"), pipelines
+
+
+def test_a_second_checkout_reads_its_own_language_files(tmp_path):
+    # `python -m workbench` from another checkout (a git worktree) beside the installed one: its own package,
+    # kernels, pipelines and language files, never the installed checkout's `languages/` (the editable finder
+    # maps that one by name; found when a worktree's runs read main's profiles).
+    other = tmp_path / "checkout"
+    shutil.copytree(REPO / "workbench", other / "workbench", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("kernels", "pipelines"):
+        (other / name).mkdir()
+    (other / "languages").mkdir()
+    (other / "languages" / "__init__.py").write_text('WHERE = "second checkout"\n')
+    code = "import workbench.languages as L, workbench.kernels as K; print(L.WHERE, list(K.__path__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=other)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"second checkout {[str(other.resolve() / 'kernels')]}"
 
 
 def test_transformers_imports_hugging_face_kernels_from_the_repository_root():
