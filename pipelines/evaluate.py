@@ -207,14 +207,20 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name) or "model"
 
 
+# The version of what a metrics record holds: saved metrics of another version are computed again
+# (2: perplexity records gained bits per character).
+METRICS_VERSION = 2
+
+
 def _inputs_key(path: Path, tasks, settings: EvalConfig) -> str:
-    """What a model's metrics depend on: its weight files (name, size, mtime), the tasks, the settings."""
+    """What a model's metrics depend on: its weight files (name, size, mtime), the tasks, the settings, and the
+    version of the records."""
     weights = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(path).glob("*.safetensors"))]
     task_data = [(t.name, [(i.question, i.answer) for i in t.items], t.fmt, t.digits, t.n_shot)
                  if isinstance(t, TaskSet) else
                  (t.name, "solution_nll", [(i.question, i.solution) for i in t.items], t.fmt, t.n_shot)
                  if isinstance(t, SolutionSet) else (t.name, t.docs) for t in tasks]
-    return fingerprint({"model": str(path), "weights": weights, "tasks": task_data,
+    return fingerprint({"version": METRICS_VERSION, "model": str(path), "weights": weights, "tasks": task_data,
                         "settings": {"max_new_tokens": settings.max_new_tokens, "lm_eval": settings.lm_eval}})
 
 
