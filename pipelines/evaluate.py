@@ -208,8 +208,8 @@ def _file_name(name: str) -> str:
 
 
 # The version of what a metrics record holds: saved metrics of another version are computed again
-# (2: perplexity records gained bits per character).
-METRICS_VERSION = 2
+# (2: perplexity records gained bits per character; 3: solution-NLL records and items gained it too).
+METRICS_VERSION = 3
 
 
 def _inputs_key(path: Path, tasks, settings: EvalConfig) -> str:
@@ -243,7 +243,8 @@ def score_task(model, tokenizer, task: TaskSet, settings: EvalConfig, jsonl: Pat
 
 
 def score_solutions(model, tokenizer, task: SolutionSet, settings: EvalConfig, jsonl: Path) -> dict:
-    """Solution NLL of one model on one set (mean per-token NLL per item; their mean and 95% interval);
+    """Solution NLL of one model on one set (mean per-token NLL per item; their mean and 95% interval; the
+    same in bits per character under `bits_per_char`, which compares across tokenizers);
     writes each item's value to `jsonl` (for paired comparisons)."""
     prompts = [prompt_text(tokenizer, task.fmt, item.question, task.n_shot) for item in task.items]
     scores = solution_nll(model, tokenizer, list(zip(prompts, [i.solution for i in task.items])),
@@ -253,7 +254,8 @@ def score_solutions(model, tokenizer, task: SolutionSet, settings: EvalConfig, j
             f.write(json.dumps({"task": task.name, "source": item.source, "question": item.question,
                                 "solution": item.solution, **score}, ensure_ascii=False) + "\n")
     return {"kind": "solution_nll", **mean_interval([s["nll"] for s in scores]),
-            "tokens": sum(s["tokens"] for s in scores)}
+            "tokens": sum(s["tokens"] for s in scores), "characters": sum(s["characters"] for s in scores),
+            "bits_per_char": mean_interval([s["bits_per_char"] for s in scores])}
 
 
 def evaluate_model(path: Path, tasks, settings: EvalConfig, model_dir: Path, log=print) -> dict:

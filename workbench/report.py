@@ -44,7 +44,21 @@ def target_nll(metrics: dict, code: str) -> dict | None:
     if not recs:
         return None
     n = sum(r["n"] for r in recs.values())
-    return {"mean": sum(r["mean"] * r["n"] for r in recs.values()) / n, "n": n, "tasks": list(recs)}
+    out = {"mean": sum(r["mean"] * r["n"] for r in recs.values()) / n, "n": n, "tasks": list(recs),
+           "tokens": {t: r.get("tokens") for t, r in recs.items()}}
+    if all(isinstance(r.get("bits_per_char"), dict) for r in recs.values()):
+        out["bits_per_char"] = sum(r["bits_per_char"]["mean"] * r["n"] for r in recs.values()) / n
+    return out
+
+
+def _nll_scale(nll: dict) -> str:
+    """"mean" (nats per token) when every model scored the same number of solution tokens on each set (one
+    tokenizer), else "bits_per_char" where every model has it: per token, an extended vocabulary's NLL is not
+    on the base's scale."""
+    recs = [r for r in nll.values() if r]
+    if len({tuple(sorted(r["tokens"].items())) for r in recs}) <= 1:
+        return "mean"
+    return "bits_per_char" if all("bits_per_char" in r for r in recs) else "mean"
 
 
 def _perplexity(metrics: dict, code: str):
@@ -62,12 +76,16 @@ def recommend(rows: dict, code: str) -> dict | None:
     the lowest target-language solution NLL; then the lowest perplexity; then the first in table order.
     `rule` names the rule that left one model, `tied` the models it separated. None when no model has a
     target-language task score (accuracy or solution NLL)."""
-    values = {m: ((target_accuracy(metrics, code) or {}).get("accuracy"), (target_nll(metrics, code) or {}).get("mean"),
+    nll = {m: target_nll(metrics, code) for m, metrics in rows.items()}
+    scale = _nll_scale(nll)
+    values = {m: ((target_accuracy(metrics, code) or {}).get("accuracy"), (nll[m] or {}).get(scale),
                   _perplexity(metrics, code)) for m, metrics in rows.items()}
     pool = [m for m, v in values.items() if v[0] is not None or v[1] is not None]
     if not pool:
         return None
-    for i, (rule, pick) in enumerate(RULES):
+    rules = [(f"{r} in bits per character (the models' tokenizers differ)" if i == 1 and scale != "mean" else r, p)
+             for i, (r, p) in enumerate(RULES)]
+    for i, (rule, pick) in enumerate(rules):
         scored = [m for m in pool if values[m][i] is not None and not math.isnan(values[m][i])]
         if not scored:
             continue
@@ -97,7 +115,8 @@ def verdicts(rows: dict, code: str) -> dict:
         parts.append(f"{100 * top['accuracy']:.1f}% ({top['correct']}/{top['n']}, 95% interval "
                      f"{100 * top['low']:.1f}–{100 * top['high']:.1f}%) pooled over {', '.join(top['tasks'])}")
     if nll.get(best):
-        parts.append(f"solution NLL {nll[best]['mean']:.3f} over {nll[best]['n']} items of "
+        per_char = f" ({nll[best]['bits_per_char']:.3f} bits/char)" if "bits_per_char" in nll[best] else ""
+        parts.append(f"solution NLL {nll[best]['mean']:.3f}{per_char} over {nll[best]['n']} items of "
                      f"{', '.join(nll[best]['tasks'])}")
     line = f"Best on the target language: **{best}**, " + "; ".join(parts)
     line += f". Decided by {choice['rule']}" + (f" (among {', '.join(choice['tied'])})" if choice["tied"] else "")
@@ -242,12 +261,14 @@ def comparisons_section(comparisons: list) -> list:
         return []
     out = ["## Paired comparisons", "",
            "Each merge against each expert and baseline, item by item on the same problems: a - b in solution "
-           "NLL (nats per token; paired bootstrap 95% interval, lower is better) and in accuracy (points; paired "
-           "bootstrap 95% interval and McNemar's exact p).", "",
+           "NLL (nats per token where both models cut the solutions into the same tokens, else bits per "
+           "character of the solution, marked bits/char; paired bootstrap 95% interval, lower is better) and in "
+           "accuracy (points; paired bootstrap 95% interval and McNemar's exact p).", "",
            "| a | b | metric | a - b [95%] | n | p | verdict |", "| --- | --- | --- | --- | ---: | ---: | --- |"]
     for c in comparisons:
         scale, unit = (1, ".3f") if c["kind"] == "solution_nll" else (100, ".1f")
         cell = f"{scale * c['difference']:+{unit}} [{scale * c['low']:+{unit}}, {scale * c['high']:+{unit}}]"
+        cell += " bits/char" if c.get("unit") == "bits/char" else ""
         p = f"{c['p']:.3g}" if "p" in c else ""
         out.append(f"| {c['a']} | {c['b']} | {c['metric']} | {cell} | {c['n']} | {p} | {c['verdict']} |")
     return out + [""]

@@ -82,6 +82,10 @@ def test_workbench_eval_end_to_end(tiny_llama_factory, shared_data, heldout_docs
         items = [json.loads(line) for line in (out_dir / "base" / f"{column}.jsonl").read_text().splitlines()]
         assert record["mean"] == pytest.approx(sum(i["nll"] for i in items) / 5)
         assert record["tokens"] == sum(i["tokens"] for i in items)
+        assert record["characters"] == sum(len(i["solution"]) for i in items)
+        assert record["bits_per_char"]["mean"] == pytest.approx(sum(i["bits_per_char"] for i in items) / 5)
+        assert all(i["bits_per_char"] == pytest.approx(i["nll"] * i["tokens"] / math.log(2) / len(i["solution"]))
+                   for i in items)
     assert json.loads((out_dir / "base" / "nll_mgsm_sw.jsonl").read_text().splitlines()[0])["solution"].startswith(
         "Jibu ni ")
     assert "solution NLL" in md and table["files"]["predictions"]["base"]["nll_generated_sw"].endswith(

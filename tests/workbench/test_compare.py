@@ -53,3 +53,25 @@ def test_each_pair_on_each_paired_metric(table):
 
 def test_models_without_records_are_left_out(table):
     assert compare_models(table, [("merge", "nowhere")]) == []
+
+
+def test_models_with_different_tokenizers_compare_per_character(tmp_path):
+    """An extended vocabulary cuts the same solution into fewer tokens: per token, its NLL is higher for the
+    same likelihood of the text. Where token counts differ, the comparison is in bits per character."""
+    chars = 40
+    base = [{"source": f"s{i}", "nll": 1.0, "tokens": 20, "characters": chars,
+             "bits_per_char": 1.0 * 20 / np.log(2) / chars + 0.01 * i} for i in range(30)]
+    # Extended: 10 tokens a solution, 1.8 nats each (18 nats in all, less than the base's 20): worse per
+    # token, better per character.
+    extended = [{"source": f"s{i}", "nll": 1.8, "tokens": 10, "characters": chars,
+                 "bits_per_char": 1.8 * 10 / np.log(2) / chars + 0.01 * i} for i in range(30)]
+    table = {"columns": {"nll_mgsm_te": {"kind": "solution_nll"}},
+             "files": {"predictions": {
+                 "merge": {"nll_mgsm_te": write_items(tmp_path / "merge.jsonl", extended)},
+                 "math": {"nll_mgsm_te": write_items(tmp_path / "math.jsonl", base)},
+                 "twin": {"nll_mgsm_te": write_items(tmp_path / "twin.jsonl", extended)}}}}
+    across, same = compare_models(table, [("merge", "math"), ("merge", "twin")])
+    assert across["unit"] == "bits/char" and across["verdict"] == "better"
+    assert across["difference"] == pytest.approx((18 - 20) / np.log(2) / chars)
+    assert describe_comparison(across).startswith("nll_mgsm_te: -0.072 bits/char [")
+    assert same["unit"] == "nats/token" and same["difference"] == 0.0 and same["verdict"] == "tie"

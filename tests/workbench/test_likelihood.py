@@ -43,8 +43,20 @@ def test_solution_nll_matches_the_logits_by_hand(tiny_model, tiny_tokenizer):
         assert [g["tokens"] for g in got] == [n for _, n in expected]
         for g, (nll, _) in zip(got, expected):
             assert g["nll"] == pytest.approx(nll, rel=1e-5)
+        for g, (nll, n), (_, solution) in zip(got, expected, PAIRS):
+            # The same sum per character of the solution: bits per character compare across tokenizers.
+            assert g["characters"] == len(solution)
+            assert g["bits_per_char"] == pytest.approx(nll * n / math.log(2) / len(solution), rel=1e-5)
     # Untrained, a model is close to uniform over the vocabulary: about log(512) nats a token.
     assert all(abs(g["nll"] - math.log(512)) < 1.0 for g in got)
+
+
+def test_a_cut_solution_counts_only_the_characters_it_scored(tiny_model, tiny_tokenizer):
+    whole = solution_nll(tiny_model, tiny_tokenizer, PAIRS[1:2])[0]
+    cut = solution_nll(tiny_model, tiny_tokenizer, PAIRS[1:2], max_length=12)[0]
+    ids, start = solution_token_ids(tiny_tokenizer, *PAIRS[1], max_length=12)
+    assert cut["tokens"] == len(ids) - start < whole["tokens"]
+    assert cut["characters"] == len(tiny_tokenizer.decode(ids[start:])) < len(PAIRS[1][1])
 
 
 def test_long_pairs_keep_the_solution_and_the_prompt_end(tiny_tokenizer):

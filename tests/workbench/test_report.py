@@ -49,6 +49,24 @@ def test_the_perplexity_rule_reads_bits_per_character_where_recorded():
     assert recommend(rows, "sw") == {"best": "language", "rule": "target-language perplexity", "tied": ["base"]}
 
 
+def test_solution_nll_compares_in_bits_per_character_across_tokenizers():
+    # Telugu: the math expert keeps the base tokenizer (40 tokens a solution set), the merges carry the
+    # extended vocabulary (25): per token the expert looks better, per character of the same text it is not.
+    def scored(mean, tokens, bpc):
+        rec = nll(mean, "nll_mgsm_te", n=40)
+        rec["nll_mgsm_te"].update(tokens=tokens, bits_per_char={"mean": bpc, "low": bpc - 0.1, "high": bpc + 0.1})
+        return rec
+    rows = {"math": scored(0.81, 4000, 1.90), "ties": scored(1.12, 2500, 1.60)}
+    choice = recommend(rows, "te")
+    assert choice["best"] == "ties"
+    assert choice["rule"] == ("target-language solution NLL in bits per character (the models' tokenizers "
+                              "differ)")
+    assert "solution NLL 1.120 (1.600 bits/char) over 40 items" in verdicts(rows, "te")["statements"][0]
+    # One tokenizer (the same token counts): per token, as before.
+    rows["ties"] = scored(1.12, 4000, 1.60)
+    assert recommend(rows, "te") == {"best": "math", "rule": "target-language solution NLL", "tied": ["ties"]}
+
+
 def test_no_target_language_task_recommends_nothing():
     rows = {"a": {**ppl(10), **nll(1.0, "nll_generated_en")}}
     assert recommend(rows, "sw") is None

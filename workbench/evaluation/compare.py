@@ -5,8 +5,13 @@ Reads the per-item records the evaluation wrote (`results.json` names them under
 items by their `source`. An entry:
 
     {"a", "b", "metric" (the table column), "kind" ("solution_nll" | "accuracy"), "difference" (a - b: NLL in
-     nats per token, accuracy as a fraction), "low", "high" (95%), "n" (paired items),
+     `unit`, accuracy as a fraction), "low", "high" (95%), "n" (paired items),
+     "unit" (solution NLL: "nats/token" or "bits/char"),
      "p", "a_only", "b_only" (accuracy: McNemar's exact p and the discordant pairs), "verdict"}
+
+Solution NLL is compared per token when the two models cut every shared solution into the same number of
+tokens (the same tokenizer, in practice), and per character of the solution otherwise: a model with an
+extended vocabulary scores fewer, longer tokens, so its per-token NLL is not on the base model's scale.
 
 verdict: "better" or "worse" (for a, against b) when the difference is detectable (NLL: the interval excludes
 0; accuracy: McNemar p < 0.05), else "tie".
@@ -43,13 +48,22 @@ def compare_pair(a_items: dict, b_items: dict, kind: str) -> dict:
     """One paired comparison of two models' records on one task, over the items both have."""
     shared = [s for s in a_items if s in b_items]
     if kind == "solution_nll":
-        result = paired_bootstrap([a_items[s]["nll"] for s in shared], [b_items[s]["nll"] for s in shared])
+        per_token = all(a_items[s].get("tokens") == b_items[s].get("tokens") for s in shared)
+        key, unit = ("nll", "nats/token") if per_token or not _have_bpc(a_items, b_items, shared) else \
+            ("bits_per_char", "bits/char")
+        result = {**paired_bootstrap([a_items[s][key] for s in shared], [b_items[s][key] for s in shared]),
+                  "unit": unit}
     else:
         a_ok = [bool(a_items[s]["correct"]) for s in shared]
         b_ok = [bool(b_items[s]["correct"]) for s in shared]
         result = {**paired_bootstrap([float(x) for x in a_ok], [float(y) for y in b_ok]),
                   **mcnemar_exact(a_ok, b_ok)}
     return {**result, "verdict": _verdict(kind, result) if result["n"] else "tie"}
+
+
+def _have_bpc(a_items: dict, b_items: dict, shared: list) -> bool:
+    """Whether both models' records carry bits per character (records written before it do not)."""
+    return all("bits_per_char" in a_items[s] and "bits_per_char" in b_items[s] for s in shared)
 
 
 def compare_models(table: dict, pairs: list) -> list[dict]:
@@ -80,6 +94,7 @@ def compare_models(table: dict, pairs: list) -> list[dict]:
 def describe_comparison(entry: dict) -> str:
     """"nll_generated_sw: -0.410 [-0.520, -0.300]" or "generated_en: +15.0 points [5.0, 25.0], McNemar p=0.031"."""
     if entry["kind"] == "solution_nll":
-        return f"{entry['metric']}: {entry['difference']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+        unit = " bits/char" if entry.get("unit") == "bits/char" else ""
+        return f"{entry['metric']}: {entry['difference']:+.3f}{unit} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
     return (f"{entry['metric']}: {100 * entry['difference']:+.1f} points [{100 * entry['low']:+.1f}, "
             f"{100 * entry['high']:+.1f}], McNemar p={entry['p']:.3g}")

@@ -3,8 +3,9 @@
 The table is `{"columns": {metric: {"kind", ...}}, "rows": {model: {metric: record}}}` where a record is
 - accuracy: {"kind": "accuracy", "accuracy", "low", "high" (Wilson 95%), "correct", "n", "no_answer"};
 - perplexity: {"kind": "perplexity", "perplexity", "nll", "tokens", "documents", "characters", "bits_per_char"};
-- solution_nll: {"kind": "solution_nll", "mean", "low", "high" (normal 95%), "n", "tokens"}: the mean over
-  items of each gold solution's per-token NLL given the prompt (`likelihood.py`);
+- solution_nll: {"kind": "solution_nll", "mean", "low", "high" (normal 95%), "n", "tokens", "characters",
+  "bits_per_char": {"mean", "low", "high"}}: the mean over items of each gold solution's per-token NLL given
+  the prompt, and of the same in bits per character (`likelihood.py`);
 - lm_eval: {"kind": "lm_eval", "metric", "value", "stderr"} (lm-eval's own numbers).
 """
 import math
@@ -42,7 +43,9 @@ def _cell(record: dict | None) -> str:
         bpc = record.get("bits_per_char")
         return f"{record['perplexity']:.2f}" + (f" ({bpc:.3f} bpc)" if bpc is not None else "")
     if kind == "solution_nll":
-        return f"{record['mean']:.3f} [{record['low']:.3f}, {record['high']:.3f}] (n={record['n']})"
+        bpc = record.get("bits_per_char")
+        return (f"{record['mean']:.3f} [{record['low']:.3f}, {record['high']:.3f}] (n={record['n']}"
+                + (f"; {bpc['mean']:.3f} bpc" if isinstance(bpc, dict) else "") + ")")
     stderr = record.get("stderr")
     return f"{record['value']:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
 
@@ -60,13 +63,25 @@ def markdown_table(table: dict) -> str:
         notes.append("Accuracy in %, [Wilson 95% interval], (correct/total).")
     if "solution_nll" in kinds:
         notes.append("nll_*: solution NLL, the mean per-token NLL (nats) of the gold worked solution given the "
-                     "prompt, [95% interval], (items): lower is better.")
+                     "prompt, [95% interval], (items; bpc: the same in bits per character of the solution, which "
+                     "compares models whose tokenizers differ): lower is better.")
     if "perplexity" in kinds:
         notes.append("Perplexity: per token, lower is better; (bpc): bits per character of the same text, which "
                      "compares models whose tokenizers differ (an extended vocabulary against the base).")
     if "lm_eval" in kinds:
         notes.append("lm-eval tasks: value ± lm-eval's standard error.")
     return "\n".join([head, rule, *rows, "", *notes]) + "\n"
+
+
+def nll_per_character(table: dict) -> bool:
+    """Whether solution NLL is drawn in bits per character: when the models scored different numbers of tokens
+    on some set (their tokenizers differ) and every record has it."""
+    records = [row.get(c) for row in table["rows"].values()
+               for c, spec in table["columns"].items() if spec["kind"] == "solution_nll"]
+    records = [r for r in records if r]
+    differ = any(len({row[c].get("tokens") for row in table["rows"].values() if row.get(c)}) > 1
+                 for c, spec in table["columns"].items() if spec["kind"] == "solution_nll")
+    return bool(records) and differ and all(isinstance(r.get("bits_per_char"), dict) for r in records)
 
 
 def plot_table(table: dict, path) -> Path:
@@ -79,6 +94,7 @@ def plot_table(table: dict, path) -> Path:
     nll = [c for c, spec in table["columns"].items() if spec["kind"] == "solution_nll"]
     ppl = [c for c, spec in table["columns"].items() if spec["kind"] == "perplexity"]
     bpc = all("bits_per_char" in (row.get(c) or {"bits_per_char": 0}) for row in table["rows"].values() for c in ppl)
+    nll_bpc = nll_per_character(table)
     panels = [p for p in (scored, nll, ppl) if p]
     fig = Figure(figsize=(max(6.0, 1.2 * len(models) * max(len(p) for p in panels) + 2), 4.2 * len(panels)),
                  layout="constrained")
@@ -88,7 +104,8 @@ def plot_table(table: dict, path) -> Path:
         for j, model in enumerate(models):
             xs, ys, errs = [], [], [[], []]
             for i, metric in enumerate(metrics):
-                value, low, high = _bar(table["rows"][model].get(metric), bpc and metrics is ppl)
+                value, low, high = _bar(table["rows"][model].get(metric),
+                                        bpc and metrics is ppl or nll_bpc and metrics is nll)
                 if value is None:
                     continue
                 xs.append(i - 0.4 + width * (j + 0.5))
@@ -103,7 +120,7 @@ def plot_table(table: dict, path) -> Path:
         if metrics is ppl:
             ax.set_ylabel("bits per character (lower is better)" if bpc else "perplexity (lower is better)")
         elif metrics is nll:
-            ax.set_ylabel("solution NLL, nats/token (95% interval; lower is better)")
+            ax.set_ylabel(f"solution NLL, {'bits/char' if nll_bpc else 'nats/token'} (95% interval; lower is better)")
         else:
             ax.set_ylabel("accuracy % (Wilson 95% interval)")
             ax.set_ylim(0, 100)
@@ -123,7 +140,9 @@ def _bar(record, bpc=False) -> tuple:
         v = record["bits_per_char"] if bpc else record["perplexity"]
         return (v, v, v) if math.isfinite(v) else (None, None, None)  # no interval: drawn without error bars
     if record["kind"] == "solution_nll":
-        v, low, high = record["mean"], record["low"], record["high"]
+        per_char = record.get("bits_per_char") if bpc else None
+        v, low, high = (per_char["mean"], per_char["low"], per_char["high"]) if per_char else \
+            (record["mean"], record["low"], record["high"])
         if not math.isfinite(v):
             return None, None, None
         return (v, low, high) if math.isfinite(low) else (v, v, v)
