@@ -1,9 +1,11 @@
 """Run a merge: validate → plan → stream tensor by tensor through the kernels into a sharded writer.
 
 Peak memory is about (T + 2) × the largest tensor: each input tensor is a private copy-on-write map of
-its file, released as soon as its output is written. On CPU every output is computed into one reusable
-buffer: writing over a map's pages would copy each page on first write (docs/benchmarks.md, "Whole merges
-against mergekit", has the measurement); on GPU the output may be written over the base's device copy.
+its file, released as soon as its output is computed (or, where the output is the input, written). On CPU
+every output is computed into one of two reusable buffers: writing over a map's pages would copy each page
+on first write (docs/benchmarks.md, "Whole merges against mergekit", has the measurement); on GPU the output
+may be written over the base's device copy. A writer thread writes, hashes and fsyncs op i's output while
+op i + 1 is computed into the other buffer (`_WriteBehind`).
 An interrupted merge resumes from its last finished shard; the output directory appears only when
 complete (the writer renames it into place). The output never touches an input, and one merge at a time
 writes it (workbench/outputs.py); a failed merge leaves a `.partial` only when a rerun can resume from it.
@@ -120,24 +122,39 @@ class _Inputs:
 
 
 class _Scratch:
-    """One CPU output buffer reused for every tensor, grown to the largest: its pages are faulted in once.
+    """Two CPU output buffers used in turn, one op each, grown to the largest: their pages are faulted in once.
 
-    A view it hands out is valid until the next `take`; the engine writes each output before computing
-    the next. On other devices each output is a fresh tensor (the caching allocator reuses memory itself).
+    The writer thread writes op i's output while op i + 1 is computed into the other buffer, so a view
+    handed out for an op stays valid until the op after next begins (`next_op`); the engine waits for op i's
+    write before op i + 2 starts. One `take` per op. On other devices each output is a fresh tensor (the
+    caching allocator reuses memory itself).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.buf = None
+        self.bufs = [None, None]
+        self.slot, self.taken = 0, False
+
+    def next_op(self):
+        self.slot, self.taken = 1 - self.slot, False
 
     def take(self, shape, dtype) -> torch.Tensor:
         if self.device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
+        if self.taken:
+            raise RuntimeError("internal error: a second scratch output in one op would overwrite the first")
+        self.taken = True
         nbytes = math.prod(shape) * dtype.itemsize
-        if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = None  # the old buffer goes before the bigger one is allocated
-            self.buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self.buf[:nbytes].view(dtype).view(shape)
+        buf = self.bufs[self.slot]
+        if buf is None or buf.numel() < nbytes:
+            self.bufs[self.slot] = buf = None  # the old buffer goes before the bigger one is allocated
+            self.bufs[self.slot] = buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` lies in a scratch buffer (else it may be an input's map, as a copy op's output is)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(b is not None and b.untyped_storage().data_ptr() == ptr for b in self.bufs)
 
 
 class _Executor:
@@ -367,22 +384,68 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, leave=False)
 
 
+class _WriteBehind:
+    """The writer's work (file writes, sha256, each shard's fsync) on one thread, one output behind the
+    compute: op i is written while op i + 1 is computed. At most one write is in flight; an error in it is
+    raised in the engine's thread at the next `submit` or at `drain`."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer")
+        self.future = None
+
+    def wait(self):
+        future, self.future = self.future, None
+        if future is not None:
+            future.result()
+
+    def submit(self, name, tensor, record, then=None):
+        self.wait()
+
+        def work():
+            self.writer.write(name, tensor, record)
+            if then is not None:
+                then()
+
+        self.future = self.pool.submit(work)
+
+    def drain(self):
+        """Wait for the last write (raising its error) and stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def _stream(pending, inputs, executor, writer, recipe, progress):
     total = sum(op.dtype.itemsize * math.prod(op.shape) for op in pending)
     bar = _progress_bar(total, f"merge {recipe.method}", progress)
+    behind = _WriteBehind(writer)
     try:
         for i, op in enumerate(pending):
             inputs.prefetch(pending[i + 1] if i + 1 < len(pending) else None)
+            executor.scratch.next_op()
             tensors = inputs.take(op)
             out, record = executor.compute(op, tensors)
-            writer.write(op.name, out.cpu() if out.device.type != "cpu" else out, record)
-            del tensors, out
-            inputs.release(op)
+            out = out.cpu() if out.device.type != "cpu" else out
+            del tensors
+            if executor.scratch.owns(out) or inputs.device.type != "cpu":
+                behind.submit(op.name, out, record)
+                inputs.release(op)
+            else:  # the output may be an input's map (a copy op's is): the op's pages go once it is written
+                behind.submit(op.name, out, record, then=lambda op=op: inputs.release(op))
+            del out
             bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors", refresh=False)  # redrawn at tqdm's own pace
             bar.update(op.dtype.itemsize * math.prod(op.shape))
+        behind.drain()
     finally:
+        try:
+            behind.drain()  # an error stops the loop with a write in flight: it ends before the writer closes
+        except BaseException:
+            pass  # the loop's own error is the one raised
         bar.close()
         writer.close()
+
 
 
 def _json(obj) -> str:
