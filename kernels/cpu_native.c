@@ -279,23 +279,46 @@ static void abs_delta_bits(const void *base, int base_dtype, const void *expert,
 
 void wb_radix_hist(const wb_hist_args *a) {
     uint32_t bits[BLK];
+    int32_t cand[BLK];
     /* Locals, not the struct's fields, in the loops: the histogram stores could alias them. */
     const int shift = a->shift, above = a->shift + a->width, num_prefixes = a->num_prefixes;
     const uint32_t digit_mask = (1u << a->width) - 1u;
     const int64_t bins = (int64_t)1 << a->width, start = a->start, end = a->end;
     int64_t *hist = a->hist;
-    const int64_t *prefixes = a->prefixes;
+    if (num_prefixes == 0) {
+        for (int64_t i0 = start; i0 < end; i0 += BLK) {
+            int m = (int)(end - i0 < BLK ? end - i0 : BLK);
+            abs_delta_bits(a->base, a->base_dtype, a->expert, a->expert_dtype, i0, m, bits);
+            for (int j = 0; j < m; j++) hist[(bits[j] >> shift) & digit_mask]++;
+        }
+        return;
+    }
+    /* The bits above the digit (a key's high part) of few elements equal a prefix: each block first lists
+     * the elements whose high part lies in [lowest, highest prefix] (branch-free), then counts those. */
+    uint32_t lo = UINT32_MAX, hi = 0;
+    for (int k = 0; k < num_prefixes; k++) {
+        int64_t p = a->prefixes[k];
+        if (p < 0 || (above < 32 && p >> (32 - above)) || (above >= 32 && p != 0)) continue;  /* matches no key */
+        if ((uint32_t)p < lo) lo = (uint32_t)p;
+        if ((uint32_t)p > hi) hi = (uint32_t)p;
+    }
+    if (lo > hi) return;
+    const uint32_t span = hi - lo;
+    const int high_shift = above >= 32 ? 0 : above;
+    const uint32_t high_mask = above >= 32 ? 0u : UINT32_MAX;
     for (int64_t i0 = start; i0 < end; i0 += BLK) {
         int m = (int)(end - i0 < BLK ? end - i0 : BLK);
         abs_delta_bits(a->base, a->base_dtype, a->expert, a->expert_dtype, i0, m, bits);
-        if (num_prefixes == 0) {
-            for (int j = 0; j < m; j++) hist[(bits[j] >> shift) & digit_mask]++;
-            continue;
-        }
+        int c = 0;
         for (int j = 0; j < m; j++) {
-            int64_t prefix = above >= 32 ? 0 : (int64_t)(bits[j] >> above);
+            cand[c] = j;
+            c += (((bits[j] >> high_shift) & high_mask) - lo) <= span;
+        }
+        for (int i = 0; i < c; i++) {
+            uint32_t key = bits[cand[i]];
+            int64_t prefix = (int64_t)((key >> high_shift) & high_mask);
             for (int k = 0; k < num_prefixes; k++)
-                if (prefix == prefixes[k]) hist[k * bins + ((bits[j] >> shift) & digit_mask)]++;
+                if (prefix == a->prefixes[k]) hist[k * bins + ((key >> shift) & digit_mask)]++;
         }
     }
 }

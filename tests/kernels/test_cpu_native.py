@@ -134,3 +134,22 @@ def test_the_c_enums_and_structs_mirror_pythons(monkeypatch):
                                                      ctypes.sizeof(cpu_native.MergeArgs),
                                                      ctypes.sizeof(cpu_native.HistArgs), len(Count),
                                                      int(Method.LINEAR)]
+
+
+@pytest.mark.parametrize("n", [1, 255, 257, 70001])
+def test_the_c_radix_pass_counts_what_the_pytorch_pass_counts(gen, n):
+    """Each prefix row, bit for bit, including prefixes that match no key (none, too wide, negative)."""
+    if cpu_native.library() is None:
+        pytest.skip(cpu_native.why())
+    from workbench.kernels import radix_passes
+    base = torch.randn(n, generator=gen).bfloat16()
+    expert = (base.float() + torch.randn(n, generator=gen) * 0.01).bfloat16()
+    expert[:: 7] = base[:: 7]                           # δ = 0: key 0
+    keys = radix_passes.abs_delta_key(base, expert).to(torch.int64)
+    for shift, width in [(16, 15), (0, 16), (8, 8), (20, 12)]:   # (20, 12): no bits above
+        above = shift + width
+        real = sorted(set((keys >> above).tolist()))[:3]
+        for prefixes in ([], real, real[::-1], [real[0], real[0]], [1 << (32 - above), -1], [12345] + real):
+            got = cpu_native.radix_hist(base, expert, shift, width, prefixes).sum(0)
+            want = radix_passes.torch_pass(base, expert, shift, width, prefixes)[0].numpy()
+            assert (got == want).all(), (shift, width, prefixes)
