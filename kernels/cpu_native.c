@@ -111,11 +111,16 @@ static inline uint32_t lowbias32(uint32_t x) {
 /* DARE (dare.py) on a block of one expert, as dare_ would leave it in that expert's storage:
  * x <- b + (keep ? (x − b)·scale : 0), rounded to the expert's dtype and read back as fp32. */
 static void dare_block(float *x, const float *b, const wb_expert *e, int64_t i0, int m) {
+    /* Locals, not the struct's fields, in the loop: stores to x could alias them, which would keep the
+     * loop from being vectorized. */
+    const uint32_t k0 = e->dare_k0, k1 = e->dare_k1, threshold = e->dare_threshold;
+    const float scale = e->dare_scale;
+    const int bf16 = e->dtype == WB_BF16;
     for (int j = 0; j < m; j++) {
         uint64_t i = (uint64_t)(i0 + j);
-        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ e->dare_k0) ^ (uint32_t)(i >> 32) ^ e->dare_k1);
-        float v = b[j] + ((h >> 8) >= e->dare_threshold ? (x[j] - b[j]) * e->dare_scale : 0.0f);
-        if (e->dtype == WB_BF16) {
+        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ k0) ^ (uint32_t)(i >> 32) ^ k1);
+        float v = b[j] + ((h >> 8) >= threshold ? (x[j] - b[j]) * scale : 0.0f);
+        if (bf16) {
             uint32_t u;
             memcpy(&u, &v, 4);
             u = (uint32_t)bf16_bits(u) << 16;
