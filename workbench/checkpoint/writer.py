@@ -6,10 +6,13 @@ a rerun with the same plan resume where an interrupted one stopped; the bytes ar
 While it works the writer holds `<out_dir>.lock` (workbench/outputs.py), and it deletes only folders that
 carry the tool's marker: a `.partial` or `.replaced` folder of the user's own is refused, never emptied.
 """
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                 "chat_template.jinja", "chat_template.json")
 _HASH_CHUNK = 8 * 1024 * 1024
+_HASH_BESIDE = 4 * 1024 * 1024   # a tensor at least this big is hashed on a second thread while it is written
 
 
 @dataclass
@@ -156,11 +160,25 @@ class ShardedWriter:
         if data.numel():
             view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             offset = shard.offsets[name]
-            with _writing(self.partial_dir / (shard.file + ".tmp"), "write"):
-                f.seek(offset)
-                f.write(view)
-            if offset == self._hashed:  # the file's next bytes: hash them now, not by reading them back
-                self._digest.update(view)
+            # The file's next bytes are hashed now, not read back at the end; a big tensor's on a second
+            # thread while this one writes it (hashlib and the write both release the GIL).
+            in_order = offset == self._hashed
+            beside = None
+            if in_order and len(view) >= _HASH_BESIDE:
+                beside = threading.Thread(target=self._digest.update, args=(view,), name="writer-sha256")
+                beside.start()
+            try:
+                with _writing(self.partial_dir / (shard.file + ".tmp"), "write"):
+                    f.seek(offset)
+                    f.write(view)
+                    f.flush()
+                    _start_writeback(f.fileno(), offset, len(view))
+            finally:
+                if beside is not None:
+                    beside.join()
+            if in_order:
+                if beside is None:
+                    self._digest.update(view)
                 self._hashed += len(view)
         if record is not None:
             self._records.setdefault(shard.file, {})[name] = record
@@ -391,6 +409,30 @@ def _read_manifest(path: Path):
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
         return None
     return manifest
+
+
+def _libc_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, n: int):
+    """Ask Linux to start writing [offset, offset + n) to disk now, without waiting (sync_file_range with
+    SYNC_FILE_RANGE_WRITE): the shard's closing fsync then waits only for the last bytes, not for all of
+    them. Durability still comes from that fsync. Elsewhere, or if the call fails, nothing happens."""
+    if _sync_file_range is not None and n:
+        _sync_file_range(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
 
 
 def _sha256(path, digest=None, start=0) -> str:
