@@ -157,7 +157,8 @@ static void topk_member(const float *key, const int32_t *ok, int m, float tau, i
 }
 
 /* ties.py's formula on elements [start, end): per block, each expert's delta and masks, then the election
- * (TIES-SV: the protected vote where it is not 0, else the trimmed vote), then the disjoint mean.
+ * (TIES-SV: the protected vote where it is not 0, else the trimmed vote), then the disjoint mean; task
+ * arithmetic and linear (no trim, no election) in one fused loop per expert.
  * Returns how many results were NaN (the caller recomputes such tensors elsewhere). */
 int64_t wb_merge(wb_merge_args *a) {
     float b[BLK], x[BLK], key[BLK], d[MAX_T][BLK], s[BLK], s_plain[BLK], e_keep[BLK], e_prot[BLK];
@@ -180,35 +181,56 @@ int64_t wb_merge(wb_merge_args *a) {
         int m = (int)(end - i0 < BLK ? end - i0 : BLK);
         if (base) load_block(base, a->base_dtype, i0, m, b);
         else memset(b, 0, sizeof(b));
-        for (int t = 0; t < T; t++) {
-            wb_expert *e = &ex[t];
-            float *dt = d[t];
-            int32_t *okt = ok[t];
-            int64_t bad = 0;
-            load_block(e->data, e->dtype, i0, m, x);
-            if (e->dare_threshold > 0) dare_block(x, b, e, i0, m);
-            for (int j = 0; j < m; j++) {
-                float v = linear ? x[j] : x[j] - b[j];
-                int32_t finite = fabsf(v) <= FLT_MAX_;
-                dt[j] = finite ? v : 0.0f;
-                key[j] = fabsf(dt[j]);
-                okt[j] = finite;
-                bad += 1 - finite;
+        if (!ties) {
+            /* Task arithmetic and linear: no trim, no election, so every finite δ enters. The loop below
+             * with its masks fused away: the same operations in the same order, so the same bits. */
+            for (int j = 0; j < m; j++) num[j] = den[j] = 0.0f;
+            for (int t = 0; t < T; t++) {
+                const wb_expert *e = &ex[t];
+                const float w = e->weight;
+                int64_t entered = 0;
+                load_block(e->data, e->dtype, i0, m, x);
+                if (e->dare_threshold > 0) dare_block(x, b, e, i0, m);
+                for (int j = 0; j < m; j++) {
+                    float v = linear ? x[j] : x[j] - b[j];
+                    int32_t finite = fabsf(v) <= FLT_MAX_;
+                    num[j] = num[j] + (finite ? v * w : 0.0f);
+                    den[j] = den[j] + (finite ? w : 0.0f);
+                    entered += finite;
+                }
+                counts[t][WB_NONFINITE] += m - entered;
+                counts[t][WB_KEPT] += entered;
+                counts[t][WB_KEPT_ENTERED] += entered;
+                counts[t][WB_KEPT_ENTERED_PLAIN] += entered;
             }
-            counts[t][WB_NONFINITE] += bad;
-            if (ties) topk_member(key, okt, m, e->keep_tau, &e->keep_quota, keep[t]);
-            else memcpy(keep[t], okt, (size_t)m * sizeof(int32_t));
-            if (protect) topk_member(key, okt, m, e->protect_tau, &e->protect_quota, prot[t]);
-            else memset(prot[t], 0, sizeof(prot[t]));
-            int64_t k = 0, p = 0;
-            for (int j = 0; j < m; j++) {
-                k += keep[t][j];
-                p += prot[t][j];
+        } else {
+            for (int t = 0; t < T; t++) {
+                wb_expert *e = &ex[t];
+                float *dt = d[t];
+                int32_t *okt = ok[t];
+                int64_t bad = 0;
+                load_block(e->data, e->dtype, i0, m, x);
+                if (e->dare_threshold > 0) dare_block(x, b, e, i0, m);
+                for (int j = 0; j < m; j++) {
+                    float v = x[j] - b[j];
+                    int32_t finite = fabsf(v) <= FLT_MAX_;
+                    dt[j] = finite ? v : 0.0f;
+                    key[j] = fabsf(dt[j]);
+                    okt[j] = finite;
+                    bad += 1 - finite;
+                }
+                counts[t][WB_NONFINITE] += bad;
+                topk_member(key, okt, m, e->keep_tau, &e->keep_quota, keep[t]);
+                if (protect) topk_member(key, okt, m, e->protect_tau, &e->protect_quota, prot[t]);
+                else memset(prot[t], 0, sizeof(prot[t]));
+                int64_t k = 0, p = 0;
+                for (int j = 0; j < m; j++) {
+                    k += keep[t][j];
+                    p += prot[t][j];
+                }
+                counts[t][WB_KEPT] += k;
+                counts[t][WB_PROTECTED] += p;
             }
-            counts[t][WB_KEPT] += k;
-            counts[t][WB_PROTECTED] += p;
-        }
-        if (ties) {
             for (int j = 0; j < m; j++) e_keep[j] = e_prot[j] = 0.0f;
             for (int t = 0; t < T; t++) {
                 const float w = ex[t].weight;
@@ -225,34 +247,34 @@ int64_t wb_merge(wb_merge_args *a) {
                 float sp = sgn(e_prot[j]);
                 s[j] = (protect && sp != 0.0f) ? sp : s_plain[j];
             }
-        }
-        for (int j = 0; j < m; j++) num[j] = den[j] = 0.0f;
-        for (int t = 0; t < T; t++) {
-            const float w = ex[t].weight;
-            const float *dt = d[t];
-            const int32_t *kt = keep[t], *pt = prot[t];
-            int64_t ke = 0, pe = 0, kp = 0, pp = 0;
-            for (int j = 0; j < m; j++) {
-                int32_t agree = ties ? (kt[j] & (dt[j] * s[j] > 0.0f)) : kt[j];
-                num[j] = num[j] + (agree ? dt[j] * w : 0.0f);
-                den[j] = den[j] + (agree ? w : 0.0f);
-                ke += agree;
-                pe += agree & pt[j];
-            }
-            if (protect) {
+            for (int j = 0; j < m; j++) num[j] = den[j] = 0.0f;
+            for (int t = 0; t < T; t++) {
+                const float w = ex[t].weight;
+                const float *dt = d[t];
+                const int32_t *kt = keep[t], *pt = prot[t];
+                int64_t ke = 0, pe = 0, kp = 0, pp = 0;
                 for (int j = 0; j < m; j++) {
-                    int32_t agree_plain = kt[j] & (dt[j] * s_plain[j] > 0.0f);
-                    kp += agree_plain;
-                    pp += agree_plain & pt[j];
+                    int32_t agree = kt[j] & (dt[j] * s[j] > 0.0f);
+                    num[j] = num[j] + (agree ? dt[j] * w : 0.0f);
+                    den[j] = den[j] + (agree ? w : 0.0f);
+                    ke += agree;
+                    pe += agree & pt[j];
                 }
-            } else {
-                kp = ke;
-                pp = pe;
+                if (protect) {
+                    for (int j = 0; j < m; j++) {
+                        int32_t agree_plain = kt[j] & (dt[j] * s_plain[j] > 0.0f);
+                        kp += agree_plain;
+                        pp += agree_plain & pt[j];
+                    }
+                } else {
+                    kp = ke;
+                    pp = pe;
+                }
+                counts[t][WB_KEPT_ENTERED] += ke;
+                counts[t][WB_PROTECTED_ENTERED] += pe;
+                counts[t][WB_KEPT_ENTERED_PLAIN] += kp;
+                counts[t][WB_PROTECTED_ENTERED_PLAIN] += pp;
             }
-            counts[t][WB_KEPT_ENTERED] += ke;
-            counts[t][WB_PROTECTED_ENTERED] += pe;
-            counts[t][WB_KEPT_ENTERED_PLAIN] += kp;
-            counts[t][WB_PROTECTED_ENTERED_PLAIN] += pp;
         }
         int64_t nb = 0;
         for (int j = 0; j < m; j++) {
