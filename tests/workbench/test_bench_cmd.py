@@ -85,15 +85,19 @@ def test_merge_help_lists_every_case(capsys):
 def test_merge_tiny_workbench_only(tmp_path, capsys):
     out = tmp_path / "merge.json"
     argv = ["bench", "merge", "--size", "tiny", "--no-mergekit", "--only", "task_arithmetic,ties",
-            "--work", str(tmp_path / "work"), "--json", str(out)]
+            "--work", str(tmp_path / "work"), "--repeats", "2", "--json", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "mergekit not run" in table and "task_arithmetic" in table and "ties_sv" not in table
+    assert "median of 2 runs each" in table
     results = json.loads(out.read_text(encoding="utf-8"))
     assert results["size"] == "tiny" and results["mergekit"] is False
     assert set(results["cases"]) == {"task_arithmetic", "ties"}
+    assert results["repeat"] == 2
     for row in results["cases"].values():
         assert row["workbench"]["seconds"] > 0 and row["workbench"]["peak_rss_gb"] > 0
+        assert len(row["workbench"]["runs_seconds"]) == 2
+        assert abs(row["workbench"]["seconds"] - sum(row["workbench"]["runs_seconds"]) / 2) <= 0.01  # median of 2
         assert "mergekit" not in row
 
 

@@ -68,6 +68,8 @@ def add_arguments(parser):
                         "differ outside the tied band, and per tensor the shares of elements each tool changed")
     m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: also merge each case on the GPU, timed, and compare its bytes with the CPU's")
+    m.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run each tool N times, alternating, and report the median time (default 1)")
     m.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
     g = sub.add_parser("gpu", help="the GPU check: kernel tests on CUDA, kernel and merge benchmarks, adapt",
@@ -182,6 +184,7 @@ def _run_merge(args):
         if unknown or not only:
             raise ConfigError(f"--only {args.only!r}: unknown case {', '.join(unknown) or '(none given)'}; "
                               f"expected a comma-separated list of {', '.join(CASE_NAMES)}")
+    _positive("--repeats", args.repeats)
     if args.compare and args.no_mergekit:
         raise ConfigError("--compare compares with mergekit's output; it cannot go with --no-mergekit")
     mergekit = False if args.no_mergekit else (args.mergekit or True)
@@ -189,7 +192,7 @@ def _run_merge(args):
     if args.device == "cuda":
         _need_cuda("--device cuda")
     results = run_merge_benchmark(work, size=args.size, only=only, mergekit=mergekit, compare=args.compare,
-                                  device=args.device, progress=_progress)
+                                  device=args.device, repeat=args.repeats, progress=_progress)
     print(format_table(results))
     if args.json:
         _write_json(args.json, results)
