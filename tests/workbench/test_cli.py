@@ -30,6 +30,34 @@ def test_languages_lists_every_language_and_profile(tmp_path):
     assert "micro" in out.stdout and "paper-ties-sv" in out.stdout
 
 
+def test_a_command_imports_with_the_collector_paused_and_then_frozen(tmp_path):
+    # As a program, `workbench merge` imports torch and the merge path with the cyclic collector paused,
+    # then freezes what it imported, and runs with the collector on again: no collection during the
+    # imports, none walking the imported objects later. Called from Python (main(argv)), it leaves the
+    # caller's collector alone.
+    probe = ("import gc, sys\n"
+             "runs = []\n"
+             "gc.callbacks.append(lambda phase, info: phase == 'start' and runs.append(info['generation']))\n"
+             "from workbench import cli\n"
+             "sys.argv = ['workbench', 'merge', '--help']\n"
+             "try:\n"
+             "    cli.main()\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print('PROBE', gc.isenabled(), gc.get_freeze_count() > 10_000, 'torch' in sys.modules, len(runs))\n"
+             "frozen = gc.get_freeze_count()\n"
+             "gc.unfreeze()\n"
+             "cli.main(['languages'])\n"
+             "print('PROBE', gc.isenabled(), gc.get_freeze_count())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    program, called = [line[len("PROBE "):] for line in out.stdout.splitlines() if line.startswith("PROBE ")]
+    enabled, frozen, has_torch, collections = program.split()
+    assert (enabled, frozen, has_torch) == ("True", "True", "True")
+    assert int(collections) < 20     # importing torch unpaused sets off hundreds (about 380 measured)
+    assert called == "True 0"
+
+
 def test_bad_usage_exits_2_and_config_error_is_one_line(tmp_path):
     assert run("no-such-command", cwd=tmp_path).returncode == 2
     out = run("languages", "xx", cwd=tmp_path)

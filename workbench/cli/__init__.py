@@ -58,6 +58,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quietly_collected(build, command):
+    """`build(command)` (which imports the command's module: torch and the rest) with the cyclic garbage
+    collector paused, then every object alive moved out of its reach (`gc.freeze`). Imports make long-lived
+    objects, not garbage, yet each allocation burst sets off collections that walk all of them again: about
+    0.19 s of a 2.4 s merge of a 271M model (3 full and 381 young collections, measured with gc.callbacks),
+    the gap between a task-arithmetic merge and a third of mergekit's time."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return build(command)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def _call(build, command):
+    return build(command)
+
+
 def _command_in(argv) -> str:
     """The subcommand argv names (its first word that is not an option), or "" when it names none."""
     word = next((a for a in argv if not a.startswith("-")), "")
@@ -65,8 +87,11 @@ def _command_in(argv) -> str:
 
 
 def main(argv=None) -> int:
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_in(argv))
+    # As a program, the imports run with the collector paused; a caller's process (tests, notebooks) is
+    # left as it is: frozen objects that later become cyclic garbage are never collected.
+    parser = (_quietly_collected if as_program else _call)(build_parser, _command_in(argv))
     args = parser.parse_args(argv)  # bad usage: argparse prints it and exits with 2
     if args.command is None:
         parser.print_help(sys.stderr)
