@@ -77,6 +77,29 @@ def test_release_drops_pages_and_keeps_the_rest_readable(tmp_path):
     assert torch.equal(reader.get("big"), big)
 
 
+def test_release_of_a_part_drops_only_the_pages_inside_it(tmp_path):
+    # Write over the whole map, release bytes [start, end) of it: exactly the whole pages inside that
+    # range read the file again; every other byte keeps what was written.
+    n = 5 * 4096 + 123                      # float32 elements: about 20 pages, not a whole number of them
+    write_state_dict(tmp_path / "m", {"head": torch.zeros(77), "t": torch.arange(n, dtype=torch.float32)})
+    reader = ModelReader(tmp_path / "m")
+    t = reader.get("t")
+    t.fill_(-1.0)
+    offset, page = reader.spec("t").offset, os.sysconf("SC_PAGE_SIZE")
+    start, end = 2 * 4096 + 10, 11 * 4096 + 5    # bytes within the tensor, neither on a page boundary
+    reader.release("t", start, end)
+    first = -(-(offset + start) // page) * page - offset  # the released bytes: whole pages inside the range
+    last = (offset + end) // page * page - offset
+    assert 0 < last - first < end - start
+    fresh = torch.arange(n, dtype=torch.float32)
+    got = reader.get("t")
+    released = torch.zeros(n, dtype=torch.bool)
+    released[first // 4:last // 4] = True
+    assert torch.equal(got[released], fresh[released])
+    assert (got[~released] == -1.0).all()
+    assert torch.equal(reader.get("head"), torch.zeros(77))
+
+
 def test_release_keeps_a_neighbours_writes_on_a_shared_page(tmp_path):
     # Two odd-sized tensors share a page; writing over one and releasing the other must not undo the write.
     a, b = torch.randn(1500), torch.randn(1500)

@@ -311,6 +311,41 @@ def test_manifest_sha256_is_the_finished_shard_files_sha256(tmp_path, dtypes):
         assert entry["sha256"] == hashlib.sha256((partial / fname).read_bytes()).hexdigest(), fname
 
 
+def test_a_tensor_written_in_parts_reports_each_and_writes_the_same_bytes(tmp_path):
+    # write(..., written=) writes a big tensor in parts of PART_BYTES and reports each part once it is
+    # written and hashed (the merge engine drops an input map's pages behind it): same file, same sha256.
+    import hashlib
+
+    from workbench.checkpoint.writer import PART_BYTES
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"small": torch.randn(5, 7, generator=gen),
+               "big": torch.randn(PART_BYTES + 1001, generator=gen).to(torch.bfloat16),  # 2 parts + 2002 bytes
+               "tail": torch.randn(3, generator=gen)}
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    digests, parts = {}, []
+    for how in ("whole", "parts"):
+        writer = ShardedWriter(tmp_path / how, plan)
+        for name in writer.pending():
+            seen = (lambda a, b, name=name: parts.append((name, a, b))) if how == "parts" else None
+            writer.write(name, tensors[name], written=seen)
+        writer.close()  # the finished shard stays in the partial folder, with its manifest
+        partial = tmp_path / f"{how}.partial"
+        digests[how] = hashlib.sha256((partial / "model.safetensors").read_bytes()).hexdigest()
+        manifest = json.loads((partial / ".manifest.json").read_text())
+        assert manifest["shards"]["model.safetensors"]["sha256"] == digests[how]
+        assert torch.equal(load_file(partial / "model.safetensors")["big"], tensors["big"])
+    assert digests["whole"] == digests["parts"]
+    big = tensors["big"].numel() * 2
+    by_name = {}
+    for name, a, b in parts:
+        by_name.setdefault(name, []).append((a, b))
+    assert by_name["big"][0][0] == 0 and by_name["big"][-1][1] == big and len(by_name["big"]) == 3
+    assert all(b - a <= PART_BYTES for a, b in by_name["big"])
+    assert all(x[1] == y[0] for x, y in zip(by_name["big"], by_name["big"][1:]))   # consecutive, no gap
+    assert by_name["small"] == [(0, 5 * 7 * 4)]
+
+
 def test_one_writer_per_output_and_the_lock_goes_with_it(tmp_path):
     plan = [("w", (6,), torch.float32)]
     first = ShardedWriter(tmp_path / "out", plan)

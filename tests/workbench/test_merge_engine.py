@@ -179,6 +179,44 @@ def test_layer_swap_copies_blends_and_keeps(tmp_path, tiny_llama_factory):
     assert torch.isfinite(model(torch.tensor([[1, 5, 9, 42]])).logits).all()
 
 
+def test_copies_are_checked_and_written_in_parts_with_the_same_bytes(tmp_path, tiny_llama_factory, monkeypatch):
+    # A copied tensor is checked for NaN/Inf and written part by part, each part's input pages dropped
+    # behind it (so a big embedding is never resident whole). With parts of 4 KiB, the tiny model's copies
+    # take that path: the output bytes equal those of whole-tensor copies, and NaNs spread over several
+    # parts are all counted.
+    import workbench.checkpoint.writer as writer_module
+    import workbench.merge.engine as engine_module
+    from safetensors.torch import save_file
+
+    base_dir, base = tiny_llama_factory("base", seed=0, layers=6)
+    lang_dir, lang = tiny_llama_factory("lang", seed=1, layers=6, base_state=base, delta_scale=0.05)
+    task_dir, task = tiny_llama_factory("task", seed=2, layers=6, base_state=base, delta_scale=0.05)
+    recipe = {"method": "layer_swap", "base": str(base_dir), "layer_swap": {
+        "task": str(task_dir), "language": str(lang_dir), "bottom": 2, "top": 1, "transition": 1,
+        "embeddings": "task", "lm_head": "language", "final_norm": "base"}}
+    whole, _ = merge(tmp_path, recipe, "whole")
+    released = []
+    real_release = engine_module._Inputs.release_part
+    monkeypatch.setattr(engine_module, "PART_BYTES", 4096)
+    monkeypatch.setattr(writer_module, "PART_BYTES", 4096)
+    monkeypatch.setattr(engine_module._Inputs, "release_part",
+                        lambda self, op, ref, a, b: (released.append((op.name, a, b)), real_release(self, op, ref, a, b)))
+    parts, _ = merge(tmp_path, recipe, "parts")
+    assert (whole.out_dir / "model.safetensors").read_bytes() == (parts.out_dir / "model.safetensors").read_bytes()
+    embed = "model.embed_tokens.weight"
+    nbytes = task[embed].numel() * task[embed].element_size()
+    assert nbytes > 3 * 4096
+    spans = sorted((a, b) for name, a, b in released if name == embed)
+    assert spans[0][0] == 0 and max(b for _, b in spans) == nbytes and all(b - a <= 4096 for a, b in spans)
+
+    poisoned = {k: v.clone() for k, v in task.items()}
+    flat = poisoned[embed].view(-1)
+    flat[[5, 4096, flat.numel() - 1]] = float("nan")      # in the first, a middle and the last part
+    save_file(poisoned, str(task_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=r"tensor model\.embed_tokens\.weight of model .*: 3 NaN/Inf"):
+        merge(tmp_path, recipe, "nan")
+
+
 def test_layer_swap_auto_uses_the_delta_heatmap(tmp_path, tiny_llama_factory):
     base_dir, base = tiny_llama_factory("base", seed=0, layers=6)
     # The language expert changed the bottom two and the top layer most; the task expert the middle.
@@ -274,9 +312,9 @@ KILL_SCRIPT = textwrap.dedent("""
     from workbench.merge import engine
     slow = float(sys.argv[3])
     compute = engine._Executor.compute
-    def throttled(self, op, inputs):
+    def throttled(self, op, inputs, **kwargs):
         time.sleep(slow)
-        return compute(self, op, inputs)
+        return compute(self, op, inputs, **kwargs)
     engine._Executor.compute = throttled
     recipe, base_dir = engine.load_recipe(sys.argv[1])
     engine.run_merge(recipe, engine.resolve_paths(recipe, base_dir), sys.argv[2], max_shard_bytes=60_000,

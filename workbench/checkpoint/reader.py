@@ -132,23 +132,26 @@ class ModelReader:
         buf = self._mmap(spec.file)
         return torch.frombuffer(buf, dtype=spec.dtype, count=prod(spec.shape), offset=spec.offset).view(spec.shape)
 
-    def release(self, name):
-        """Drop the resident pages of tensor `name` (madvise MADV_DONTNEED), so streaming keeps RSS flat.
+    def release(self, name, start: int = 0, end: int | None = None):
+        """Drop the resident pages of tensor `name` (madvise MADV_DONTNEED), so streaming keeps RSS flat;
+        with `start`/`end`, only those of its bytes [start, end) (a part already read and no longer needed).
 
-        The caller must not use tensors from `get(name)` afterwards: their pages, including anything written
-        over them, are discarded (a later `get(name)` reads the file afresh). Only pages lying wholly inside
-        the tensor are dropped, so a neighbour's in-place writes sharing a boundary page are never lost.
+        The caller must not use tensors from `get(name)` afterwards (or, for a part, must not rely on what
+        was written over those bytes): the pages, including anything written over them, are discarded, and a
+        later read of them reads the file afresh. Only pages lying wholly inside the range are dropped, so a
+        neighbour's in-place writes sharing a boundary page are never lost.
         A no-op for pickles and on systems without madvise.
         """
         spec = self.spec(name)
         buf = self._maps.get(spec.file)
         if buf is None or spec.offset is None or not hasattr(buf, "madvise"):
             return
+        end = spec.nbytes if end is None else min(end, spec.nbytes)
         page = mmap.PAGESIZE
-        start = -(-spec.offset // page) * page
-        end = (spec.offset + spec.nbytes) // page * page
-        if end > start:
-            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+        first = -(-(spec.offset + max(start, 0)) // page) * page
+        last = (spec.offset + end) // page * page
+        if last > first:
+            buf.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def read_into(self, name, out: torch.Tensor) -> torch.Tensor:
         """Copy tensor `name` into the preallocated contiguous CPU tensor `out` (e.g. pinned memory); return it."""

@@ -29,6 +29,7 @@ SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "chat_template.jinja", "chat_template.json")
 _HASH_CHUNK = 8 * 1024 * 1024
 _HASH_BESIDE = 4 * 1024 * 1024   # a tensor at least this big is hashed on a second thread while it is written
+PART_BYTES = 8 * 1024 * 1024          # write(..., written=) writes and reports a tensor in parts of this many bytes
 
 
 @dataclass
@@ -137,8 +138,12 @@ class ShardedWriter:
             merged.update(self._records.get(shard.file, {}))
         return {name: merged[name] for name, _, _ in self.plan if name in merged}
 
-    def write(self, name, tensor: torch.Tensor, record: dict | None = None):
-        """Write the next pending tensor; its name, shape and dtype must match the plan."""
+    def write(self, name, tensor: torch.Tensor, record: dict | None = None, written=None):
+        """Write the next pending tensor; its name, shape and dtype must match the plan.
+
+        written: called as written(start, end) after each part [start, end) of the tensor's bytes is written
+        and hashed, parts of `PART_BYTES` bytes (e.g. to drop the pages of an input map the tensor is, while the
+        rest is still being written)."""
         if self._finalized:
             raise ValueError(f"write({name!r}): the writer for {self.out_dir} is already finalized")
         if self._next >= len(self._pending):
@@ -163,22 +168,28 @@ class ShardedWriter:
             # The file's next bytes are hashed now, not read back at the end; a big tensor's on a second
             # thread while this one writes it (hashlib and the write both release the GIL).
             in_order = offset == self._hashed
-            beside = None
-            if in_order and len(view) >= _HASH_BESIDE:
-                beside = threading.Thread(target=self._digest.update, args=(view,), name="writer-sha256")
-                beside.start()
-            try:
-                with _writing(self.partial_dir / (shard.file + ".tmp"), "write"):
-                    f.seek(offset)
-                    f.write(view)
-                    f.flush()
-                    _start_writeback(f.fileno(), offset, len(view))
-            finally:
-                if beside is not None:
-                    beside.join()
+            step = PART_BYTES if written is not None else len(view)
+            path = self.partial_dir / (shard.file + ".tmp")
+            for start in range(0, len(view), step):
+                part = view[start:start + step]
+                beside = None
+                if in_order and len(part) >= _HASH_BESIDE:
+                    beside = threading.Thread(target=self._digest.update, args=(part,), name="writer-sha256")
+                    beside.start()
+                try:
+                    with _writing(path, "write"):
+                        f.seek(offset + start)
+                        f.write(part)
+                        f.flush()
+                        _start_writeback(f.fileno(), offset + start, len(part))
+                finally:
+                    if beside is not None:
+                        beside.join()
+                if in_order and beside is None:
+                    self._digest.update(part)
+                if written is not None:
+                    written(start, start + len(part))
             if in_order:
-                if beside is None:
-                    self._digest.update(view)
                 self._hashed += len(view)
         if record is not None:
             self._records.setdefault(shard.file, {})[name] = record

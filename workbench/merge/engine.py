@@ -23,6 +23,7 @@ import torch
 from workbench import __version__
 from workbench.analysis import expert_delta_stats, extended_label, layer_profile
 from workbench.checkpoint import ModelReader, ShardedWriter, check_compatible
+from workbench.checkpoint.writer import PART_BYTES
 from workbench.config.loader import read_yaml
 from workbench.config.schema import Where, parse, to_dict
 from workbench.errors import CheckpointError, ConfigError, NonFiniteError
@@ -116,6 +117,13 @@ class _Inputs:
         for ref in op.inputs():
             self.readers[ref].release(op.name)
 
+    def release_part(self, op, ref, start, end):
+        """Drop the pages of bytes [start, end) of input `ref`'s tensor for `op` (read, no longer needed)."""
+        self.readers[ref].release(op.name, start, end)
+
+    def releaser(self, op):
+        return lambda ref, start, end: self.release_part(op, ref, start, end)
+
     def close(self):
         if self.pool is not None:
             self.pool.shutdown(wait=True)
@@ -173,16 +181,30 @@ class _Executor:
         """The extended model's tensor, whose rows [V, V') this output takes (docs/design.md §4.6a), or None."""
         return inputs[self.plan.extended] if op.extra else None
 
-    def check_finite(self, op, ref, tensor):
-        bad = count_nonfinite(tensor)
+    def check_finite(self, op, ref, tensor, release=None):
+        """NaN/Inf count of input `ref`'s tensor (an error unless allow_nonfinite). With `release`, a big
+        tensor is counted in parts of PART_BYTES bytes, each handed to release(start, end) once counted, so a
+        copied tensor is never resident whole (its writer reads it again, part by part)."""
+        if release is None or tensor.nbytes <= PART_BYTES:
+            bad = count_nonfinite(tensor)
+        else:
+            flat, size = tensor.reshape(-1), tensor.element_size()
+            step, bad = PART_BYTES // size, 0
+            for start in range(0, flat.numel(), step):
+                part = flat[start:start + step]
+                bad += count_nonfinite(part)
+                release(start * size, (start + part.numel()) * size)
         if bad and not self.allow_nonfinite:
             raise NonFiniteError(f"tensor {op.name} of model {ref}: {bad} NaN/Inf value(s); {self.fix}")
         return bad
 
-    def compute(self, op, inputs: dict) -> tuple[torch.Tensor, dict]:
+    def compute(self, op, inputs: dict, release=None) -> tuple[torch.Tensor, dict]:
+        """The op's output and its record. release(ref, start, end), where given, drops the pages of bytes
+        [start, end) of input `ref`'s map that a copy op has read (`check_finite`)."""
         if op.kind == "copy":
             src = inputs[op.source]
-            bad = self.check_finite(op, op.source, src)
+            bad = self.check_finite(op, op.source, src, release=None if release is None else
+                                    (lambda start, end: release(op.source, start, end)))
             out = self._assemble(op, inputs, src.to(op.dtype))
             record = {"op": "copy", "source": op.source}
             if bad:
@@ -399,11 +421,11 @@ class _WriteBehind:
         if future is not None:
             future.result()
 
-    def submit(self, name, tensor, record, then=None):
+    def submit(self, name, tensor, record, then=None, written=None):
         self.wait()
 
         def work():
-            self.writer.write(name, tensor, record)
+            self.writer.write(name, tensor, record, written=written)
             if then is not None:
                 then()
 
@@ -426,14 +448,19 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
             inputs.prefetch(pending[i + 1] if i + 1 < len(pending) else None)
             executor.scratch.next_op()
             tensors = inputs.take(op)
-            out, record = executor.compute(op, tensors)
+            on_cpu = inputs.device.type == "cpu"
+            out, record = executor.compute(op, tensors, release=inputs.releaser(op) if on_cpu else None)
             out = out.cpu() if out.device.type != "cpu" else out
+            copied = op.kind == "copy" and out.data_ptr() == tensors[op.source].data_ptr()
             del tensors
-            if executor.scratch.owns(out) or inputs.device.type != "cpu":
+            if executor.scratch.owns(out) or not on_cpu:
                 behind.submit(op.name, out, record)
                 inputs.release(op)
-            else:  # the output may be an input's map (a copy op's is): the op's pages go once it is written
-                behind.submit(op.name, out, record, then=lambda op=op: inputs.release(op))
+            else:  # the output may be an input's map (a copy op's is): the op's pages go once it is written,
+                # a copy's part by part as the writer goes (a big embedding is never resident whole)
+                written = (lambda start, end, op=op: inputs.release_part(op, op.source, start, end)) if copied \
+                    else None
+                behind.submit(op.name, out, record, then=lambda op=op: inputs.release(op), written=written)
             del out
             bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors", refresh=False)  # redrawn at tqdm's own pace
             bar.update(op.dtype.itemsize * math.prod(op.shape))
