@@ -156,8 +156,7 @@ def _timed(command, files, label) -> tuple:
 
 def _summary(runs) -> dict:
     """Median wall time and the highest peak RSS of repeated runs, with every time listed."""
-    seconds = sorted(r.seconds for r in runs)
-    row = {"seconds": round(statistics.median(seconds), 2),
+    row = {"seconds": round(statistics.median(r.seconds for r in runs), 2),
            "peak_rss_gb": round(max(r.peak_rss_gb for r in runs), 3)}
     if len(runs) > 1:
         row["runs_seconds"] = [round(r.seconds, 2) for r in runs]

@@ -76,10 +76,6 @@ def _quietly_collected(build, command):
             gc.enable()
 
 
-def _call(build, command):
-    return build(command)
-
-
 def _command_in(argv) -> str:
     """The subcommand argv names (its first word that is not an option), or "" when it names none."""
     word = next((a for a in argv if not a.startswith("-")), "")
@@ -87,11 +83,14 @@ def _command_in(argv) -> str:
 
 
 def main(argv=None) -> int:
-    as_program = argv is None
-    argv = sys.argv[1:] if argv is None else list(argv)
     # As a program, the imports run with the collector paused; a caller's process (tests, notebooks) is
     # left as it is: frozen objects that later become cyclic garbage are never collected.
-    parser = (_quietly_collected if as_program else _call)(build_parser, _command_in(argv))
+    if argv is None:
+        argv = sys.argv[1:]
+        parser = _quietly_collected(build_parser, _command_in(argv))
+    else:
+        argv = list(argv)
+        parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)  # bad usage: argparse prints it and exits with 2
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -16,6 +16,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -121,9 +122,6 @@ class _Inputs:
         """Drop the pages of bytes [start, end) of input `ref`'s tensor for `op` (read, no longer needed)."""
         self.readers[ref].release(op.name, start, end)
 
-    def releaser(self, op):
-        return lambda ref, start, end: self.release_part(op, ref, start, end)
-
     def close(self):
         if self.pool is not None:
             self.pool.shutdown(wait=True)
@@ -203,8 +201,8 @@ class _Executor:
         [start, end) of input `ref`'s map that a copy op has read (`check_finite`)."""
         if op.kind == "copy":
             src = inputs[op.source]
-            bad = self.check_finite(op, op.source, src, release=None if release is None else
-                                    (lambda start, end: release(op.source, start, end)))
+            bad = self.check_finite(op, op.source, src,
+                                    release=None if release is None else partial(release, op.source))
             out = self._assemble(op, inputs, src.to(op.dtype))
             record = {"op": "copy", "source": op.source}
             if bad:
@@ -443,13 +441,13 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
     total = sum(op.dtype.itemsize * math.prod(op.shape) for op in pending)
     bar = _progress_bar(total, f"merge {recipe.method}", progress)
     behind = _WriteBehind(writer)
+    on_cpu = inputs.device.type == "cpu"
     try:
         for i, op in enumerate(pending):
             inputs.prefetch(pending[i + 1] if i + 1 < len(pending) else None)
             executor.scratch.next_op()
             tensors = inputs.take(op)
-            on_cpu = inputs.device.type == "cpu"
-            out, record = executor.compute(op, tensors, release=inputs.releaser(op) if on_cpu else None)
+            out, record = executor.compute(op, tensors, release=partial(inputs.release_part, op) if on_cpu else None)
             out = out.cpu() if out.device.type != "cpu" else out
             copied = op.kind == "copy" and out.data_ptr() == tensors[op.source].data_ptr()
             del tensors
@@ -458,8 +456,7 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
                 inputs.release(op)
             else:  # the output may be an input's map (a copy op's is): the op's pages go once it is written,
                 # a copy's part by part as the writer goes (a big embedding is never resident whole)
-                written = (lambda start, end, op=op: inputs.release_part(op, op.source, start, end)) if copied \
-                    else None
+                written = partial(inputs.release_part, op, op.source) if copied else None
                 behind.submit(op.name, out, record, then=lambda op=op: inputs.release(op), written=written)
             del out
             bar.set_postfix_str(f"{i + 1}/{len(pending)} tensors", refresh=False)  # redrawn at tqdm's own pace
