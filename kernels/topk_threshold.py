@@ -7,7 +7,10 @@ For a density k over n elements the selection keeps exactly m = max(1, ⌊k·n�
 many as m still needs (`TopK.take`). The rule `keep_all` keeps every tie instead (the TIES reference code).
 τ equals ``torch.kthvalue(|δ|, n − m + 1)`` on the materialized magnitudes, bit for bit.
 
-Algorithm: radix select. Non-negative fp32 values order like their bit patterns read as unsigned integers,
+On the Triton backend a sampled bracket finds τ in one pass over |δ| (bracket_select.py); when the sample
+misses, and on the CPU path, the radix passes below do. Both are exact.
+
+Algorithm of the fallback and the CPU path: radix select. Non-negative fp32 values order like their bit patterns read as unsigned integers,
 so the m-th largest is found digit by digit, most significant first: each pass (radix_passes.py)
 histograms one digit over the elements whose higher digits equal the prefix chosen so far, and walking
 the histogram from the top gives the next digit and the rank left inside it. |δ| is recomputed from base
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import cpu_native, radix_passes
+from . import bracket_select, cpu_native, radix_passes
 from .dispatch import jit, kernel_backend
 from .radix_passes import segment_size
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 ALL = 1 << 62                 # a quota of ties larger than any tensor: every tie
 TIE_RULES = ("exact", "keep_all")
+ALGORITHMS = ("auto", "radix")   # auto: the sampled bracket on Triton (radix where it misses); radix: always
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -93,9 +97,10 @@ def topk_member(a, ok, live, tau, quota, EXACT: tl.constexpr):
     tie = live & (a == tau)
     if EXACT:
         rank = tl.cumsum(tie.to(tl.int32), axis=0).to(tl.int64)
+        left = tl.maximum(quota - tl.sum(tie.to(tl.int32), axis=0).to(tl.int64), 0)
     else:
         rank = tie.to(tl.int64)
-    left = tl.maximum(quota - tl.sum(tie.to(tl.int32), axis=0).to(tl.int64), 0)
+        left = quota         # 0 or every tie: what a block takes leaves it as it is (no block-wide sum)
     return ok & ((a > tau) | (tie & (rank <= quota))), left
 
 
@@ -188,6 +193,24 @@ class _Passes:
         return total
 
 
+def _bracket_select(make_pairs, fractions: list[float], rule: str) -> list[TopK] | None:
+    """The exact selections by the sampled bracket (bracket_select.py); None where it does not apply or missed."""
+    ranked = [f for f in fractions if f < 1.0]
+    found = bracket_select.bracket_select(make_pairs, lambda n: [keep_count(f, n) for f in ranked])
+    if found is None:
+        return None
+    n, picks = found
+    picks, out = iter(picks), []
+    for f in fractions:
+        if f >= 1.0:
+            out.append(TopK(0.0, count=n))
+            continue
+        key, above, ties = next(picks)
+        m = keep_count(f, n)
+        out.append(TopK(_bits_to_float(key), take=m - above if rule == "exact" else ALL, ties=ties, count=m))
+    return out
+
+
 def _radix_select(passes: _Passes, fractions: list[float], rule: str) -> list[TopK]:
     """The exact selections of `fractions` over everything `passes` reads."""
     hist = passes.run(0, [])          # the top digit of every element; fixes n and the digit layout
@@ -225,13 +248,18 @@ def _radix_select(passes: _Passes, fractions: list[float], rule: str) -> list[To
 
 
 def topk_select(base: torch.Tensor, expert: torch.Tensor, fractions: Sequence[float],
-                ties: str = "exact") -> list[TopK]:
-    """The exact top-m selection of |expert − base| for each fraction (m = max(1, ⌊f·n⌋); f = 1: all)."""
-    fractions, _ = _check(fractions, ties)
+                ties: str = "exact", algorithm: str = "auto") -> list[TopK]:
+    """The exact top-m selection of |expert − base| for each fraction (m = max(1, ⌊f·n⌋); f = 1: all).
+    algorithm: "auto" or "radix" (the radix passes on every backend; for comparing the two)."""
+    fractions, _ = _check(fractions, ties, algorithm)
     if kernel_backend(base, expert, native=True) == "reference":
         return _select_reference([(base, expert)], fractions, ties)
     if all(f >= 1.0 for f in fractions):
         return [TopK(0.0, count=base.numel()) for _ in fractions]
+    if algorithm == "auto" and base.numel() and kernel_backend(base, expert, native=True) == "triton":
+        found = _bracket_select(lambda: [(base, expert)], fractions, ties)
+        if found is not None:
+            return found
     return _radix_select(_Passes(lambda: [(base, expert)]), fractions, ties)
 
 
@@ -241,13 +269,14 @@ def topk_thresholds(base: torch.Tensor, expert: torch.Tensor, fractions: Sequenc
 
 
 def topk_select_multi(make_pairs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                      fractions: Sequence[float], ties: str = "exact") -> list[PoolTopK]:
+                      fractions: Sequence[float], ties: str = "exact", algorithm: str = "auto") -> list[PoolTopK]:
     """Model scope: the selections over all the pairs together, ties ordered by pair then flat index.
 
-    `make_pairs` is called once per pass and may yield tensors one at a time: the radix passes, then, when
-    a selection keeps only some of its ties, one pass counting each pair's ties to give each its share.
+    `make_pairs` is called once per pass and may yield tensors one at a time: the passes of the bracket or
+    radix selection, then, when a selection keeps only some of its ties, one pass counting each pair's ties
+    to give each its share.
     """
-    fractions, _ = _check(fractions, ties)
+    fractions, _ = _check(fractions, ties, algorithm)
     if kernel_backend(native=True) == "reference":
         pairs = list(make_pairs())
         return _pool_reference(pairs, fractions, ties)
@@ -255,7 +284,9 @@ def topk_select_multi(make_pairs: Callable[[], Iterable[tuple[torch.Tensor, torc
     if all(f >= 1.0 for f in fractions):
         sizes = [b.numel() for b, _ in make_pairs()]
         return [PoolTopK(TopK(0.0, count=sum(sizes)), [KEEP_ALL_ELEMENTS] * len(sizes)) for _ in fractions]
-    wholes = _radix_select(passes, fractions, ties)
+    wholes = _bracket_select(make_pairs, fractions, ties) if algorithm == "auto" else None
+    if wholes is None:
+        wholes = _radix_select(passes, fractions, ties)
     partial = [i for i, s in enumerate(wholes) if s.partial]
     counts = {i: [] for i in partial}
     sizes = []
@@ -368,7 +399,9 @@ def _pool_reference(pairs, fractions, rule) -> list[PoolTopK]:
     return out
 
 
-def _check(fractions: Sequence[float], rule: str):
+def _check(fractions: Sequence[float], rule: str, algorithm: str = "auto"):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"topk_select: algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     fractions = [float(f) for f in fractions]
     for f in fractions:
         if not 0.0 < f <= 1.0:

@@ -140,6 +140,7 @@ def exercise(dtype):
     base = torch.randn(3000, generator=gen).to(dtype)
     experts = [(base.float() + steps[torch.randint(5, (3000,), generator=gen)]).to(dtype) for _ in range(3)]
     sels = [topk_select(base, e, [0.4, 0.2]) for e in experts]
+    topk_select(base, experts[0], [0.4, 0.2], algorithm="radix")    # the bracket's fallback
     keep, protect = [s[0] for s in sels], [s[1] for s in sels]
     loose = [topk_select(base, e, [0.4], ties="keep_all")[0] for e in experts]
     for kwargs in (dict(keep=keep, protect=protect), dict(keep=loose, consensus="count", normalize=False),

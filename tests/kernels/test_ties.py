@@ -158,12 +158,16 @@ def test_any_triton_segment_gives_the_same_bits(backend, gen, monkeypatch, segme
     from workbench.kernels.topk_threshold import topk_select
 
     dev_base, dev_experts = on(backend, base, experts)
-    keep = [topk_select(dev_base, e, [0.3])[0] for e in dev_experts]        # with the programs' tie counts
-    assert keep[0].segment == segment and keep[0].partial
+    keep = [topk_select(dev_base, e, [0.3], algorithm="radix")[0] for e in dev_experts]   # with the programs'
+    assert keep[0].segment == segment and keep[0].partial                                  # tie counts
     protect = [topk_select(dev_base, dev_experts[0], [0.1])[0], None]
     got, counts = ties_merge(dev_base, dev_experts, keep=keep, protect=protect)
     want, want_counts = ties_merge_reference(base, experts, keep=keep, protect=protect)
     assert torch.equal(bits(got.cpu()), bits(want)) and counts == want_counts
+    bracket = [topk_select(dev_base, e, [0.3])[0] for e in dev_experts]    # no tie counts: a counting pass
+    assert bracket == keep and bracket[0].segment == 0
+    again, again_counts = ties_merge(dev_base, dev_experts, keep=bracket, protect=protect)
+    assert torch.equal(bits(again.cpu()), bits(want)) and again_counts == want_counts
 
 
 def test_ties_equals_the_paper_definition(backend, make, size, dtype):
