@@ -23,7 +23,7 @@ from workbench.kernels.delta_stats import delta_stats
 from workbench.kernels.dispatch import kernel_backend
 from workbench.kernels.layer_swap import lerp_
 from workbench.kernels.ties import ties_merge
-from workbench.kernels.radix_passes import CPU_DIGITS, TRITON_DIGITS
+from workbench.kernels.radix_passes import CPU_DIGITS
 from workbench.kernels.topk_threshold import keep_count, topk_select, topk_thresholds
 from workbench.kernels.delta_stats import delta_stats_reference
 from workbench.kernels.layer_swap import lerp_reference
@@ -52,8 +52,9 @@ def ties_sv_merge(base, experts, out, select=topk_select, merge=ties_merge):
 
 
 def threshold_passes(base) -> int:
-    """Radix passes over base + expert the fused selection makes on this tensor's backend."""
-    return len(TRITON_DIGITS if kernel_backend(base, native=True) == "triton" else CPU_DIGITS)
+    """Passes over base + expert the fused selection makes on this tensor's backend: the sampled bracket's one
+    on Triton (when its sample holds; the radix fallback makes 4), the 2 radix passes of the CPU path."""
+    return 1 if kernel_backend(base, native=True) == "triton" else len(CPU_DIGITS)
 
 
 def _cases(base, experts, absdelta):
@@ -72,6 +73,9 @@ def _cases(base, experts, absdelta):
         ("delta_stats", "fused", lambda: delta_stats([(base, e1)]), stats_bytes),
         ("delta_stats", "reference", lambda: delta_stats_reference([(base, e1)]), stats_bytes),
         ("thresholds", "fused", lambda: topk_thresholds(base, e1, FRACTIONS), threshold_bytes),
+        *([("thresholds", "radix",               # the Triton fallback, timed beside the bracket
+            lambda: [s.tau for s in topk_select(base, e1, FRACTIONS, algorithm="radix")], threshold_bytes)]
+          if kernel_backend(base, native=True) == "triton" else []),
         ("thresholds", "reference", lambda: topk_thresholds_reference(base, e1, FRACTIONS), threshold_bytes),
         ("thresholds", "kthvalue", lambda: [torch.kthvalue(absdelta, n - k + 1).values.item() for k in ranks],
          threshold_bytes),

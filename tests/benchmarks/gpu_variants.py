@@ -4,9 +4,10 @@ Run on a machine with an NVIDIA GPU, from a checkout (not collected by pytest):
 
     python -P tests/benchmarks/gpu_variants.py --n 200M --json variants.json
 
-Each variant runs the public function the merge calls (topk_thresholds, delta_stats, ties_merge) with the
-module's BLOCK and the launch's num_warps set for the run, checks that its result equals the default
-shape's (thresholds bit for bit), and is timed with CUDA events (median of 20 after 3 warm-ups) at the
+Each variant runs the public function the merge calls (topk_thresholds, whose sampled bracket is swept and
+whose radix fallback is timed once; delta_stats; ties_merge) with the module's BLOCK and the launch's
+num_warps set for the run, checks that its result equals the default shape's (thresholds: torch.kthvalue's,
+bit for bit), and is timed with CUDA events (median of 20 after 3 warm-ups) at the
 given size, next to torch.topk on a materialized |δ| and a device-to-device copy. The table it prints is
 how the defaults in kernels/ were chosen (docs/benchmarks.md).
 """
@@ -19,7 +20,7 @@ import time
 import torch
 
 from workbench.kernels import delta_stats as delta_stats_module
-from workbench.kernels import dispatch, radix_passes
+from workbench.kernels import bracket_select, dispatch, radix_passes
 from workbench.kernels.delta_stats import delta_stats
 from workbench.kernels.ties import ties_merge
 from workbench.kernels.topk_threshold import keep_count, topk_select, topk_thresholds
@@ -84,16 +85,21 @@ def main(argv=None):
     print(f"n={n:,} bf16; copy {copy_s * 1e3:.3f} ms ({copy_gbs:.0f} GB/s); torch.topk {topk_s * 1e3:.3f} ms",
           flush=True)
 
-    want = topk_thresholds(base, experts[0], FRACTIONS)
+    want = [torch.kthvalue(absdelta, n - k + 1).values.item() for k in ranks]
+    radix = lambda: [s.tau for s in topk_select(base, experts[0], FRACTIONS, algorithm="radix")]  # noqa: E731
+    radix_s = timed(radix)
+    rows.append({"kernel": "thresholds radix", "block": radix_passes.BLOCK, "seconds": radix_s,
+                 "equal": radix() == want, "vs_topk": topk_s / radix_s})
+    print(json.dumps(rows[-1]), flush=True)
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8, 16):
             def run():
                 got = topk_thresholds(base, experts[0], FRACTIONS)
                 return got, timed(lambda: topk_thresholds(base, experts[0], FRACTIONS))
             try:
-                got, s = with_shape(radix_passes, block, warps, run)
+                got, s = with_shape(bracket_select, block, warps, run)
                 row = {"kernel": "thresholds", "block": block, "warps": warps, "seconds": s,
-                       "equal": got == want, "vs_topk": topk_s / s, "gb_per_s": 4 * 2 * n * 2 / s / 1e9}
+                       "equal": got == want, "vs_topk": topk_s / s, "gb_per_s": 2 * n * 2 / s / 1e9}
             except Exception as e:  # a shape that does not compile is a result of the sweep
                 row = {"kernel": "thresholds", "block": block, "warps": warps, "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(row)
@@ -142,7 +148,7 @@ def main(argv=None):
             continue
         note = r.get("error") or (f"{r['vs_topk']:.2f}x topk" if "vs_topk" in r else f"{r['copy_share']:.1%} of copy")
         ms = f"{r['seconds'] * 1e3:8.3f}" if "seconds" in r else f"{'-':>8}"
-        print(f"{r['kernel']:<12} {r.get('block', ''):>6} {r['warps']:>5} {ms} {str(r.get('equal', '')):>6} {note}")
+        print(f"{r['kernel']:<12} {r.get('block', ''):>6} {r.get('warps', ''):>5} {ms} {str(r.get('equal', '')):>6} {note}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"n": n, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
