@@ -92,16 +92,19 @@ class PoolTopK:
 @jit
 def topk_member(a, ok, live, tau, quota, EXACT: tl.constexpr):
     # The exact top-k in a block: |δ| > τ, and ties at τ while the segment's quota lasts, in flat order.
-    # a = |δ| (0 where not finite). Returns (member, quota left). Without EXACT every quota is 0 or every
-    # tie, so a tie's rank is not needed.
+    # a = |δ| (0 where not finite). Returns (member, quota left). A quota of 0 or ALL (every tie of the
+    # segment: segment_quotas writes ALL where a quota covers them) needs no tie's rank and leaves the
+    # quota as it is; only a segment that takes part of its ties (EXACT, at most one segment per selection)
+    # pays for the block-wide prefix sum and count.
     tie = live & (a == tau)
+    member = ok & ((a > tau) | (tie & (tie.to(tl.int64) <= quota)))     # every tie if quota > 0
+    left = quota
     if EXACT:
-        rank = tl.cumsum(tie.to(tl.int32), axis=0).to(tl.int64)
-        left = tl.maximum(quota - tl.sum(tie.to(tl.int32), axis=0).to(tl.int64), 0)
-    else:
-        rank = tie.to(tl.int64)
-        left = quota         # 0 or every tie: what a block takes leaves it as it is (no block-wide sum)
-    return ok & ((a > tau) | (tie & (rank <= quota))), left
+        if (quota > 0) & (quota < ALL):
+            rank = tl.cumsum(tie.to(tl.int32), axis=0).to(tl.int64)
+            member = ok & ((a > tau) | (tie & (rank <= quota)))
+            left = tl.maximum(quota - tl.sum(tie.to(tl.int32), axis=0).to(tl.int64), 0)
+    return member, left
 
 
 class PieceSelection:
@@ -320,7 +323,8 @@ def _count_equal(base, expert, tau: float) -> int:
 def segment_quotas(sel: TopK, base, expert, backend: str, segment: int):
     """The ties at τ each segment of `segment` elements keeps, in flat order: an exclusive prefix sum of the
     segments' tie counts (the selection's own, when it recorded them for these segments; else one counting
-    pass). "c": a list of ints, one per C range; "triton": int64 [programs] on base's device."""
+    pass). "c": a list of ints, one per C range; "triton": int64 [programs] on base's device, ALL where the
+    quota covers every tie of its segment."""
     segments = max(1, -(-base.numel() // segment))
     if backend == "c":
         if not sel.partial:
@@ -340,7 +344,8 @@ def segment_quotas(sel: TopK, base, expert, backend: str, segment: int):
         ties = torch.as_tensor(sel.segment_ties, device=base.device)
     else:
         ties = radix_passes.triton_count_equal(base, expert, sel.tau)
-    return (sel.take - (ties.cumsum(0) - ties)).clamp_min(0)
+    quotas = (sel.take - (ties.cumsum(0) - ties)).clamp_min(0)
+    return torch.where(quotas >= ties, ALL, quotas)       # ALL: every tie of the segment (topk_member)
 
 
 # -------------------------------------------------------------------------------------------- reference
