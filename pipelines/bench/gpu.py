@@ -265,8 +265,9 @@ def summary(results: dict) -> list:
             rows.append((f"merge {name}: CUDA bytes equal CPU bytes", str(row.get("same_bytes_as_cpu")),
                          bool(row.get("same_bytes_as_cpu"))))
             if "seconds" in cuda:
+                first = f" (first run, compiling: {cuda['first_seconds']:.2f} s)" if "first_seconds" in cuda else ""
                 rows.append((f"merge {name}: CUDA not slower than CPU",
-                             f"CUDA {cuda['seconds']:.2f} s, CPU {row['workbench']['seconds']:.2f} s",
+                             f"CUDA {cuda['seconds']:.2f} s{first}, CPU {row['workbench']['seconds']:.2f} s",
                              cuda["seconds"] <= row["workbench"]["seconds"]))
     elif "error" in merges:
         rows.append(("merges on CPU and CUDA", merges["error"][:200], False))

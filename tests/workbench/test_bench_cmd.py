@@ -148,6 +148,30 @@ def test_compare_puts_tie_choices_in_the_tied_band(tmp_path):
     assert all(t["changed_workbench"] <= t["changed_mergekit"] for t in c["per_tensor"].values())
 
 
+def test_device_runs_report_the_first_run_apart_and_compare_bytes(tmp_path):
+    # What bench merge --device cuda runs, on the CPU here: a first run, then the timed ones, every output
+    # compared with the reference merge's bytes.
+    import yaml
+
+    from workbench.pipelines.bench.merge import device_runs, ensure_models
+    from workbench.merge.engine import run_merge
+    from workbench.merge.recipe import MergeRecipe, ModelEntry
+
+    models = ensure_models(tmp_path / "models", "tiny")
+    recipe = MergeRecipe(method="ties", base="base", models=[ModelEntry(model="expert_a", density=0.2),
+                                                             ModelEntry(model="expert_b", density=0.2)])
+    reference = run_merge(recipe, models, tmp_path / "reference", device="cpu", progress=False).out_dir
+    path = tmp_path / "ties.yaml"
+    path.write_text(yaml.safe_dump({"method": "ties", "base": str(models["base"]), "models": [
+        {"model": str(models["expert_a"]), "density": 0.2}, {"model": str(models["expert_b"]), "density": 0.2}]}))
+    files = [f for m in models.values() for f in m.glob("*.safetensors")]
+    row = device_runs(path, reference, tmp_path, files, repeat=2, device="cpu")
+    runs = row["workbench_cpu"]
+    assert row["same_bytes_as_cpu"] is True, row
+    assert runs["first_seconds"] > 0 and len(runs["runs_seconds"]) == 2 and runs["seconds"] > 0
+    assert not (tmp_path / "reference-cpu").exists()
+
+
 def test_compare_needs_mergekit(capsys, tmp_path):
     _one_line_error(capsys, ["bench", "merge", "--size", "tiny", "--no-mergekit", "--compare", "--work",
                              str(tmp_path)], "--compare compares with mergekit's output")
