@@ -151,6 +151,8 @@ def exercise(dtype):
     dare_(experts[0].clone(), base, 0.3, seed=1)
     lerp_(experts[1].clone(), experts[2], 0.25)
     delta_stats([(base, experts[0]), (base[:10], experts[1][:10])])
+    big = torch.randn(1 << 16, generator=gen).to(dtype)                  # alone in its launch, 16·k elements
+    delta_stats([(big, big + 1)])
 
 
 # -------------------------------------------------------------------------------------------- compile

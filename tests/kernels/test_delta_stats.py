@@ -38,10 +38,11 @@ def test_large_tensor_on_cpu_path(cpu_backend, make, dtype):
 
 
 def test_batched_pairs_of_mixed_sizes_and_dtypes(backend, gen, make):
-    # Small tensors share a launch, a large one (>= PACK_LIMIT) has its own, an empty one gives zeros.
-    shapes = [(3,), (64, 5), (1,), (0,), (PACK_LIMIT + 123,), (17, 3), (2, 2, 2)]
+    # Small tensors share a launch, a large one (>= PACK_LIMIT) has its own, an empty one gives zeros. The
+    # large ones: of 16·k elements (the Triton kernel is told its tiles are aligned) and not.
+    shapes = [(3,), (64, 5), (1,), (0,), (PACK_LIMIT + 123,), (17, 3), (2, 2, 2), (PACK_LIMIT + 16 * 7,)]
     dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.bfloat16, torch.float16,
-              torch.float32]
+              torch.float32, torch.bfloat16]
     pairs = []
     for shape, dtype in zip(shapes, dtypes):
         base = torch.randn(shape, generator=gen).to(dtype)
