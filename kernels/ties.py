@@ -44,6 +44,7 @@ METHODS = {"ties": Method.TIES, "task_arithmetic": Method.TASK_ARITHMETIC, "line
 CONSENSUS = ("sum", "count")
 BLOCK = 1024       # elements per Triton loop step; below 2¹¹ for _tally's packing
 TRITON_MAX_EXPERTS = 16   # the Triton kernel carries each element's memberships as bits of one int32
+LANE_TALLY_EXPERTS = 4    # up to this many experts, the Triton kernel tallies its counts per lane
 COUNT_STRIDE = 8   # count columns per expert in the Triton kernel's rows (len(Count) rounded up)
 # The names the Triton kernel reads (module constants become tl.constexpr in its scope).
 TIES, TASK_ARITHMETIC, LINEAR = Method
@@ -129,10 +130,13 @@ def _tally(counts, cidx, first, c0, c1, c2, c3):
 def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr, n, segment, lam,
                  T: tl.constexpr, METHOD: tl.constexpr, COUNT_CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
                  HAS_PROTECT: tl.constexpr, EXACT: tl.constexpr, HAS_BASE: tl.constexpr,
-                 QUOTAS: tl.constexpr, COUNTS: tl.constexpr, BLOCK: tl.constexpr):
+                 QUOTAS: tl.constexpr, COUNTS: tl.constexpr, LANE_TALLIES: tl.constexpr, BLOCK: tl.constexpr):
     # One program per segment of `segment` elements, BLOCK at a time. params: [T, 3] fp32 = (w_t, keep τ_t,
     # protect τ_t); quotas: [programs, 2T] int64 = the ties at τ expert t's keep (2t) and protect (2t+1)
     # take in this segment; counts: [programs, COUNTS] int32, expert t's Count c at t·COUNT_STRIDE + c.
+    # LANE_TALLIES (T ≤ 4): each expert's seven counts are tallied per lane in 8-bit fields of one int64
+    # (a lane sees segment / BLOCK ≤ 64 elements) and reduced once per program; otherwise each block
+    # reduces its counts (`_tally`), a block-wide sum per four columns.
     # The first loop over the experts selects and elects; each element's memberships travel to the second
     # loop as bits of one int32 (bit t: keep_t, bit 16 + t: protect_t; T ≤ 16). The second loop re-loads
     # the block the first has just read (an L1/L2 hit), so DRAM sees θ_b and each expert once and the
@@ -144,6 +148,10 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
     quota = tl.load(quotas_ptr + pid * (2 * T) + qidx, mask=qidx < 2 * T, other=0)
     cidx = tl.arange(0, COUNTS)
     counts = tl.zeros([COUNTS], dtype=tl.int32)
+    lane0 = tl.zeros([BLOCK], dtype=tl.int64)
+    lane1 = tl.zeros([BLOCK], dtype=tl.int64)
+    lane2 = tl.zeros([BLOCK], dtype=tl.int64)
+    lane3 = tl.zeros([BLOCK], dtype=tl.int64)
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         live = offs < end
@@ -195,9 +203,25 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
                 plain = ok
             num += tl.where(agree, d * w, 0.0)
             den += tl.where(agree, w, 0.0)
-            counts = _tally(counts, cidx, t * COUNT_STRIDE + KEPT, keep, agree, prot, prot & agree)
-            counts = _tally(counts, cidx, t * COUNT_STRIDE + KEPT_ENTERED_PLAIN, plain, prot & plain, live & ~ok,
-                            live & False)
+            if LANE_TALLIES:
+                packed = ((keep.to(tl.int64) << (8 * KEPT)) | (agree.to(tl.int64) << (8 * KEPT_ENTERED))
+                          | (prot.to(tl.int64) << (8 * PROTECTED))
+                          | ((prot & agree).to(tl.int64) << (8 * PROTECTED_ENTERED))
+                          | (plain.to(tl.int64) << (8 * KEPT_ENTERED_PLAIN))
+                          | ((prot & plain).to(tl.int64) << (8 * PROTECTED_ENTERED_PLAIN))
+                          | ((live & ~ok).to(tl.int64) << (8 * NONFINITE)))
+                if t == 0:
+                    lane0 += packed
+                elif t == 1:
+                    lane1 += packed
+                elif t == 2:
+                    lane2 += packed
+                else:
+                    lane3 += packed
+            else:
+                counts = _tally(counts, cidx, t * COUNT_STRIDE + KEPT, keep, agree, prot, prot & agree)
+                counts = _tally(counts, cidx, t * COUNT_STRIDE + KEPT_ENTERED_PLAIN, plain, prot & plain,
+                                live & ~ok, live & False)
         if METHOD == TASK_ARITHMETIC:
             merged = num
         elif NORMALIZE or METHOD == LINEAR:
@@ -209,7 +233,21 @@ def _ties_kernel(base_ptr, experts, params_ptr, quotas_ptr, out_ptr, counts_ptr,
         else:
             result = b + lam * merged
         store_rounded(out_ptr, offs, result, live)
-    tl.store(counts_ptr + pid * COUNTS + cidx, counts)
+    if LANE_TALLIES:
+        for t in tl.static_range(T):
+            if t == 0:
+                lanes = lane0
+            elif t == 1:
+                lanes = lane1
+            elif t == 2:
+                lanes = lane2
+            else:
+                lanes = lane3
+            for c in tl.static_range(NONFINITE + 1):
+                tl.store(counts_ptr + pid * COUNTS + t * COUNT_STRIDE + c,
+                         tl.sum((lanes >> (8 * c)) & 0xFF, axis=0).to(tl.int32))
+    else:
+        tl.store(counts_ptr + pid * COUNTS + cidx, counts)
 
 
 def _pow2(x: int) -> int:
@@ -241,6 +279,7 @@ def _ties_triton(base, experts, p: MergeParams, out) -> torch.Tensor:
                                           T=T, METHOD=int(p.method), COUNT_CONSENSUS=p.count_consensus,
                                           NORMALIZE=p.normalize, HAS_PROTECT=p.has_protect, EXACT=p.exact_ties,
                                           HAS_BASE=has_base, QUOTAS=_pow2(2 * T), COUNTS=counts_width,
+                                          LANE_TALLIES=T <= LANE_TALLY_EXPERTS and seg // BLOCK < 256,
                                           BLOCK=BLOCK, **LAUNCH_OPTIONS)
     if target.data_ptr() != out.data_ptr() or not out.is_contiguous():
         out.copy_(target.view(out.shape))

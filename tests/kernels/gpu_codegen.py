@@ -146,6 +146,8 @@ def exercise(dtype):
     for kwargs in (dict(keep=keep, protect=protect), dict(keep=loose, consensus="count", normalize=False),
                    dict(method="task_arithmetic"), dict(method="linear")):
         ties_merge(None if kwargs.get("method") == "linear" else base, experts, **kwargs)
+    many = experts + [experts[0], experts[1]]                        # past ties.LANE_TALLY_EXPERTS
+    ties_merge(base, many, keep=keep + keep[:2], protect=protect + protect[:2])
     topk_select_multi(lambda: [(base, experts[0]), (base[:100], experts[1][:100])], [0.3])
     topk_masks(base, experts[0], keep[0], protect[0])
     dare_(experts[0].clone(), base, 0.3, seed=1)
