@@ -11,6 +11,10 @@ each kernel from `triton_kernels(module, "cuda")`, the same call the launchers m
                                           launch is compiled to cubin for sm_90 through the jitted object's own
                                           parameters: constexpr where the object says so, otherwise typed from
                                           the recorded argument (as Triton's launcher would type it)
+    python gpu_codegen.py --ptx-stats    compile as above, specialized as a launch on 16·k elements is
+                                          (pointers and integers divisible by 16), and print what each
+                                          variant's PTX does: block-wide barriers (bar.sync) inside its main
+                                          loop and in all, vector and 2-byte global loads
 
 Kernels are found by scanning the kernel modules for functions marked with `dispatch.jit`; every one whose
 name ends in `_kernel` must have been launched by the capture. Prints one line per check or compiled
@@ -180,8 +184,27 @@ def _value(desc):
     raise TypeError(f"a constexpr cannot be {desc}")
 
 
-def compile_launch(launch, obj, target, base_options):
-    """Compile one recorded launch of `obj` (the CUDA-side jitted object) to cubin; returns the line to print."""
+def ptx_stats(ptx: str) -> dict:
+    """Counts read off PTX text: bar.sync inside loops (blocks LLVM marks as in a loop) and in all, global
+    loads of 16 bytes (ld.global.v4) and of 2 bytes (ld.global.b16)."""
+    stats = {"loop_bar_sync": 0, "bar_sync": 0, "v4_loads": 0, "b16_loads": 0}
+    in_loop = False
+    for line in ptx.splitlines():
+        text = line.strip()
+        if text.startswith("$L__BB") or text.startswith("// %bb."):
+            in_loop = "Loop" in text
+        elif text.startswith("//") and "Loop Header" in text:
+            in_loop = True
+        stats["bar_sync"] += text.startswith("bar.sync")
+        stats["loop_bar_sync"] += in_loop and text.startswith("bar.sync")
+        stats["v4_loads"] += "ld.global.v4" in text
+        stats["b16_loads"] += "ld.global.b16" in text
+    return stats
+
+
+def compile_launch(launch, obj, target, base_options, aligned=False):
+    """Compile one recorded launch of `obj` (the CUDA-side jitted object) to cubin; returns the line to print.
+    aligned: specialize every pointer and integer argument as divisible by 16 and add the PTX's counts."""
     import triton
     from triton.compiler import ASTSource
 
@@ -203,12 +226,21 @@ def compile_launch(launch, obj, target, base_options):
             signature[p.name] = tuple(_type(d) for d in desc["tuple"])
         else:
             signature[p.name] = _type(desc)
-    triton.compile(ASTSource(fn=obj, signature=signature, constexprs=constexprs), target=target, options=options)
+    attrs = {}
+    if aligned:
+        for i, p in enumerate(params):
+            kind = signature[p.name]
+            for path, t in ([((i, j), u) for j, u in enumerate(kind)] if isinstance(kind, tuple) else [((i,), kind)]):
+                if t.startswith("*") or t in ("i32", "i64"):
+                    attrs[path] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn=obj, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=target, options=options)
     pointers = sorted({t for t in signature.values() if isinstance(t, str) and t.startswith("*")})
-    return f"{launch['name']} {','.join(pointers)} {constexprs}"
+    line = f"{launch['name']} {','.join(pointers)} {constexprs}"
+    return f"{line} {json.dumps(ptx_stats(kernel.asm['ptx']))}" if aligned else line
 
 
-def compile_all() -> int:
+def compile_all(aligned: bool = False) -> int:
     from triton.backends.compiler import GPUTarget
 
     from workbench.kernels.dispatch import LAUNCH_OPTIONS
@@ -241,7 +273,8 @@ def compile_all() -> int:
         seen.add(key)
         start = time.time()
         try:
-            line = compile_launch(launch, objects[(launch["module"], launch["name"])], target, LAUNCH_OPTIONS)
+            line = compile_launch(launch, objects[(launch["module"], launch["name"])], target, LAUNCH_OPTIONS,
+                                  aligned)
         except Exception as exc:  # noqa: BLE001 (any compiler error is this script's finding)
             print(f"FAIL {launch['name']}: {type(exc).__name__}: {str(exc)[-1500:]}")
             return 1
@@ -257,7 +290,7 @@ def main(argv) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
     if argv[:1] == ["--constexprs"]:
         return check_constexprs()
-    return compile_all()
+    return compile_all(aligned=argv[:1] == ["--ptx-stats"])
 
 
 if __name__ == "__main__":
