@@ -14,8 +14,9 @@ For fractions f with m = keep_count(f, N) over N elements (one tensor, or a mode
    The ends are counted, not stored, because bf16 weights give |δ| long runs of equal values: at n = 200M
    of the benchmark's inputs a closed bracket held 11% of the tensor, most of it two runs at its ends.
 4. Check and select: from the top, the keys above hi, the run at hi, the candidates, the run at lo. If the
-   m-th largest falls in a run, τ is that run's key and the run's count is the number of ties; if it falls
-   among the candidates, τ is found by sorting them (a small part of N), and its ties are among them. Either
+   m-th largest falls in a run, τ is that run's key and the run's count is the number of ties (for a single
+   tensor also per program, so a merge needs no pass to count each segment's ties); if it falls among the
+   candidates, τ is found by sorting them (a small part of N), and its ties are among them. Either
    way τ has the same bits as ``torch.kthvalue`` on the materialized |δ|. If it falls outside (the sample
    missed) or the candidates overflowed the buffer, `bracket_select` returns None and the caller runs the
    radix passes.
@@ -84,8 +85,8 @@ def _bracket_kernel(base_ptr, expert_ptr, bounds_ptr, counts_ptr, fill_ptr, cand
 
 
 def bracket_pass_triton(base, expert, bounds, fill, cands) -> torch.Tensor:
-    """The pass over one pair: int64 [F, 3] keys > hi, == hi, == lo per fraction; appends the keys inside
-    (lo, hi) to `cands` at `fill` (device tensors)."""
+    """The pass over one pair: int32 [programs, F, 3], each program's (segment_size(n) elements) keys > hi,
+    == hi, == lo per fraction; appends the keys inside (lo, hi) to `cands` at `fill` (device tensors)."""
     kernels = triton_kernels(globals(), base.device)
     b, e = flat_contiguous(base), flat_contiguous(expert)
     n, seg = b.numel(), segment_size(b.numel())
@@ -94,13 +95,13 @@ def bracket_pass_triton(base, expert, bounds, fill, cands) -> torch.Tensor:
     counts = torch.empty((programs, F, 3), dtype=torch.int32, device=base.device)
     kernels._bracket_kernel[(programs,)](b, e, bounds, counts, fill, cands, n, seg, cands.numel(), F=F,
                                          BLOCK=BLOCK, **LAUNCH_OPTIONS)
-    return counts.sum(0, dtype=torch.int64)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch
 
 def bracket_pass_torch(base, expert, bounds, fill, cands) -> torch.Tensor:
-    """The same pass in PyTorch pieces (any device): what the kernel computes, in flat order."""
+    """The same pass in PyTorch pieces (any device), in flat order: int64 [1, F, 3] (one row: no segments)."""
     lo, hi = bounds[:, 0].cpu()[:, None], bounds[:, 1].cpu()[:, None]
     counts = torch.zeros((bounds.shape[0], 3), dtype=torch.int64)
     for index in chunks.pieces(base.shape):
@@ -111,7 +112,7 @@ def bracket_pass_torch(base, expert, bounds, fill, cands) -> torch.Tensor:
         room = max(0, min(picked.numel(), cands.numel() - at))
         cands[at:at + room] = picked[:room].to(cands.device)
         fill[0] += picked.numel()
-    return counts.to(bounds.device)
+    return counts[None].to(bounds.device)
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -135,10 +136,12 @@ def bracket_ranks(m: int, n: int, samples: int) -> tuple[int, int]:
 
 
 def bracket_select(make_pairs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                   ranks_of: Callable[[int], list[int]]) -> tuple[int, list[tuple[int, int, int]]] | None:
-    """(N, and for each rank m in ranks_of(N), 1 ≤ m ≤ N, counted from the largest key over all the pairs:
-    (τ's key, elements above τ, elements equal to τ)); None when the first pair is not on the Triton
-    backend, there are no elements, or the bracket missed.
+                   ranks_of: Callable[[int], list[int]]) -> tuple[int, int, list[tuple]] | None:
+    """(N, the segment size of the per-segment tie counts (0: none), and for each rank m in ranks_of(N),
+    1 ≤ m ≤ N, counted from the largest key over all the pairs: (τ's key, elements above τ, elements equal
+    to τ, those ties per segment or None)); None when the first pair is not on the Triton backend, there
+    are no elements, or the bracket missed. The ties per segment come with a single tensor whose τ is an
+    end of its bracket (the pass counted that key per program), in segments of `segment_size(n)`.
 
     `make_pairs` is called twice: once for the sample, once for the pass.
     """
@@ -170,28 +173,32 @@ def bracket_select(make_pairs: Callable[[], Iterable[tuple[torch.Tensor, torch.T
     cands = torch.empty(capacity, dtype=torch.int32, device=device)
     fill = torch.zeros(1, dtype=torch.int64, device=device)
     counts = torch.zeros((len(ranks), 3), dtype=torch.int64, device=device)
+    rows, segment = None, 0
     for base, expert in make_pairs():
         if base.numel() == 0:
             continue
-        run = bracket_pass_triton if kernel_backend(base, expert, native=True) == "triton" else bracket_pass_torch
-        counts += run(base, expert, bounds, fill, cands)
+        triton = kernel_backend(base, expert, native=True) == "triton"
+        part = (bracket_pass_triton if triton else bracket_pass_torch)(base, expert, bounds, fill, cands)
+        counts += part.sum(0, dtype=torch.int64)
+        rows, segment = (part, segment_size(base.numel())) if triton and len(samples) == 1 else (None, 0)
     filled = int(fill[0])
     if filled > capacity:
         return None
     found, out = cands[:filled], []
-    for m, (above, at_hi, at_lo), (lo, hi) in zip(ranks, counts.tolist(), bounds.tolist()):
+    for f, (m, (above, at_hi, at_lo), (lo, hi)) in enumerate(zip(ranks, counts.tolist(), bounds.tolist())):
         # From the top: keys > hi, == hi, inside (lo, hi) (the candidates), == lo (lo == hi: one run).
         mine = found[(found > lo) & (found < hi)] if lo < hi else found[:0]
         inner = mine.numel()
+        per_segment = (lambda column: None if rows is None else rows[:, f, column].to(torch.int64))  # noqa: E731
         if m <= above:
             return None
         if m <= above + at_hi:
-            out.append((hi, above, at_hi))
+            out.append((hi, above, at_hi, per_segment(1)))
         elif m <= above + at_hi + inner:
             key = mine.topk(m - above - at_hi).values[-1]
-            out.append((int(key), above + at_hi + int((mine > key).sum()), int((mine == key).sum())))
+            out.append((int(key), above + at_hi + int((mine > key).sum()), int((mine == key).sum()), None))
         elif lo < hi and m <= above + at_hi + inner + at_lo:
-            out.append((lo, above + at_hi + inner, at_lo))
+            out.append((lo, above + at_hi + inner, at_lo, per_segment(2)))
         else:
             return None
-    return n, out
+    return n, segment, out

@@ -202,15 +202,17 @@ def _bracket_select(make_pairs, fractions: list[float], rule: str) -> list[TopK]
     found = bracket_select.bracket_select(make_pairs, lambda n: [keep_count(f, n) for f in ranked])
     if found is None:
         return None
-    n, picks = found
+    n, segment, picks = found
     picks, out = iter(picks), []
     for f in fractions:
         if f >= 1.0:
             out.append(TopK(0.0, count=n))
             continue
-        key, above, ties = next(picks)
+        key, above, ties, segment_ties = next(picks)
         m = keep_count(f, n)
-        out.append(TopK(_bits_to_float(key), take=m - above if rule == "exact" else ALL, ties=ties, count=m))
+        recorded = segment_ties is not None and rule == "exact"
+        out.append(TopK(_bits_to_float(key), take=m - above if rule == "exact" else ALL, ties=ties, count=m,
+                        segment=segment if recorded else 0, segment_ties=segment_ties if recorded else None))
     return out
 
 

@@ -63,7 +63,7 @@ def test_the_pass_equals_its_pytorch_pieces(triton_device, make, size, dtype):
     for run in (bracket_select.bracket_pass_triton, bracket_select.bracket_pass_torch):
         fill = torch.zeros(1, dtype=torch.int64, device=triton_device)
         cands = torch.full((base.numel() + 5,), -1, dtype=torch.int32, device=triton_device)
-        counts = run(base.to(triton_device), expert.to(triton_device), bounds, fill, cands)
+        counts = run(base.to(triton_device), expert.to(triton_device), bounds, fill, cands).sum(0)
         results.append((counts.tolist(), int(fill[0]), cands[:int(fill[0])].sort().values.tolist(),
                         cands[int(fill[0]):].tolist()))
     assert results[0] == results[1]
@@ -109,14 +109,14 @@ def test_the_bracket_is_narrow(triton_device, tight, make, monkeypatch):
         return original(self, k, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "topk", recording)
-    n, picks = bracket_select.bracket_select(lambda: [(base.to(triton_device), expert.to(triton_device))],
-                                             lambda n: [keep_count(0.2, n)])
+    n, _, picks = bracket_select.bracket_select(lambda: [(base.to(triton_device), expert.to(triton_device))],
+                                                lambda n: [keep_count(0.2, n)])
     assert n == 20011 and sizes and max(sizes) < n // 4
-    key, above, ties = picks[0]
+    key, above, ties, _ = picks[0]
     assert key == int(torch.tensor(kth_reference([(base, expert)], [0.2])[0]).view(torch.int32))
 
 
-def test_runs_of_ties_are_counted_at_the_ends(triton_device, spy, gen):
+def test_runs_of_ties_are_counted_at_the_ends(triton_device, tight, spy, gen):
     """bf16-like deltas (three exact values): τ sits in a run the bracket counts rather than stores."""
     base = torch.zeros(20011)
     expert = torch.tensor([0.25, 0.5, 1.0])[torch.randint(0, 3, (20011,), generator=gen)]
@@ -125,6 +125,10 @@ def test_runs_of_ties_are_counted_at_the_ends(triton_device, spy, gen):
     assert spy and spy[-1] is not None
     assert got == topk_select_reference(base, expert, fractions)
     assert [s.tau for s in got] == [0.5, 1.0] and all(s.partial for s in got)
+    for sel in got:              # the pass counted τ per program: the merge needs no counting pass
+        assert sel.segment == radix_passes.segment_size(20011) and int(sel.segment_ties.sum()) == sel.ties
+        assert sel.segment_ties.tolist() == [int((expert[i:i + sel.segment] == sel.tau).sum())
+                                            for i in range(0, 20011, sel.segment)]
 
 
 def test_a_full_buffer_falls_back(triton_device, tight, spy, make, monkeypatch):
