@@ -131,6 +131,22 @@ def test_runs_of_ties_are_counted_at_the_ends(triton_device, tight, spy, gen):
                                             for i in range(0, 20011, sel.segment)]
 
 
+@pytest.mark.parametrize("fractions", [[0.2, 0.1], [0.9]])
+def test_nonfinite_deltas_rank_as_zero(triton_device, tight, spy, make, fractions):
+    """A third of the deltas NaN or ±Inf (key 0, like an unchanged weight): the top fractions come from the
+    finite ones; 0.9 reaches into the zeros, where τ = 0 and the run at lo answers."""
+    base = make.tensor(20011, torch.float32)
+    expert = make.expert(base)
+    where = torch.randperm(20011, generator=make.gen)[:6670]
+    expert[where[:3000]] = float("nan")
+    expert[where[3000:5000]] = float("inf")
+    base[where[5000:]] = float("-inf")
+    got = topk_select(base.to(triton_device), expert.to(triton_device), fractions)
+    assert spy and spy[-1] is not None
+    assert got == topk_select_reference(base, expert, fractions)
+    assert [s.tau for s in got] == kth_reference([(base, expert)], fractions)
+
+
 def test_a_full_buffer_falls_back(triton_device, tight, spy, make, monkeypatch):
     monkeypatch.setattr(bracket_select, "MIN_CAPACITY", 1)
     monkeypatch.setattr(bracket_select, "CAPACITY_FACTOR", 0)     # room for one candidate
