@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 
 from . import chunks
-from .dispatch import FLT_MAX, LAUNCH_OPTIONS, flat_contiguous, jit, kernel_backend, triton_kernels  # noqa: F401 (FLT_MAX: _abs_delta_key reads it)
+from .dispatch import LAUNCH_OPTIONS, flat_contiguous, jit, kernel_backend, triton_kernels
 from .radix_passes import _abs_delta_key, abs_delta_key, segment_size
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def sample_keys(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     n = base.numel()
     count = -(-n // SAMPLE_RATE)
     index = (torch.arange(count, dtype=torch.int64, device=base.device) * SAMPLE_STRIDE) % n
-    return abs_delta_key(base.reshape(-1)[index], expert.reshape(-1)[index])
+    return abs_delta_key(torch.take(base, index), torch.take(expert, index))   # flat order, no copy of a view
 
 
 def bracket_ranks(m: int, n: int, samples: int) -> tuple[int, int]:
@@ -189,16 +189,16 @@ def bracket_select(make_pairs: Callable[[], Iterable[tuple[torch.Tensor, torch.T
         # From the top: keys > hi, == hi, inside (lo, hi) (the candidates), == lo (lo == hi: one run).
         mine = found[(found > lo) & (found < hi)] if lo < hi else found[:0]
         inner = mine.numel()
-        per_segment = (lambda column: None if rows is None else rows[:, f, column].to(torch.int64))  # noqa: E731
+        ends = None if rows is None else rows[:, f].to(torch.int64)     # per segment: [> hi, == hi, == lo]
         if m <= above:
             return None
         if m <= above + at_hi:
-            out.append((hi, above, at_hi, per_segment(1)))
+            out.append((hi, above, at_hi, None if ends is None else ends[:, 1]))
         elif m <= above + at_hi + inner:
             key = mine.topk(m - above - at_hi).values[-1]
             out.append((int(key), above + at_hi + int((mine > key).sum()), int((mine == key).sum()), None))
         elif lo < hi and m <= above + at_hi + inner + at_lo:
-            out.append((lo, above + at_hi + inner, at_lo, per_segment(2)))
+            out.append((lo, above + at_hi + inner, at_lo, None if ends is None else ends[:, 2]))
         else:
             return None
     return n, segment, out

@@ -147,9 +147,9 @@ def delta_stats_triton(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> li
         tile_start, tile_end = (torch.cat(starts), torch.cat(ends)) if len(group) > 1 else (starts[0], ends[0])
         sums = torch.empty((tiles, 4), dtype=torch.float32, device=base.device)
         bad = torch.empty(tiles, dtype=torch.int32, device=base.device)
-        kernels._delta_stats_kernel[(tiles,)](base, expert, tile_start, tile_end, sums, bad,
-                                              ALIGNED=len(group) == 1 and base.numel() % 16 == 0, BLOCK=BLOCK,
-                                              **LAUNCH_OPTIONS)
+        aligned = len(group) == 1 and base.numel() % 16 == 0      # tiles at multiples of TILE, ending at n
+        kernels._delta_stats_kernel[(tiles,)](base, expert, tile_start, tile_end, sums, bad, ALIGNED=aligned,
+                                              BLOCK=BLOCK, **LAUNCH_OPTIONS)
         sums, bad = sums.double().cpu(), bad.long().cpu()
         for k, i in enumerate(group):
             part, part_bad = sums[first_tile[k]:first_tile[k + 1]], bad[first_tile[k]:first_tile[k + 1]]

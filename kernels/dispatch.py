@@ -151,12 +151,15 @@ def triton_kernels(module_globals: dict[str, Any], device: torch.device | str = 
         scope = dict(module_globals)
         scope["tl"] = triton.language
         scope["triton"] = triton
-        # Module constants (upper-case int/float names, e.g. FLT_MAX) become tl.constexpr: the only globals
-        # a compiled kernel may read.
-        for name, value in module_globals.items():
-            if name.isupper() and isinstance(value, (int, float)) and not isinstance(value, bool):
-                scope[name] = triton.language.constexpr(value)
         names = [n for n, v in module_globals.items() if getattr(v, "__workbench_triton__", False)]
+        # Module constants (upper-case int/float names, e.g. FLT_MAX) become tl.constexpr: the only globals
+        # a compiled kernel may read. A helper imported from another kernel module runs in this scope, so
+        # its home module's constants come too; this module's own win where both define a name.
+        homes = {module_globals[n].__module__ for n in names} - {key}
+        for home in [vars(sys.modules[m]) for m in sorted(homes) if m in sys.modules] + [module_globals]:
+            for name, value in home.items():
+                if name.isupper() and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    scope[name] = triton.language.constexpr(value)
         for name in names:
             fn = module_globals[name]
             clone = types.FunctionType(fn.__code__, scope, name, fn.__defaults__, fn.__closure__)

@@ -16,8 +16,7 @@ import torch
 from . import chunks
 from .dispatch import FLT_MAX, LAUNCH_OPTIONS, flat_contiguous, fp32_scalar, jit, kernel_backend, triton_kernels
 from .radix_passes import segment_size
-# ALL: read by topk_member inside this module's kernels.
-from .topk_threshold import (ALL, NO_ELEMENTS, PieceSelection, TopK, segment_quotas, topk_member,
+from .topk_threshold import (NO_ELEMENTS, PieceSelection, TopK, segment_quotas, topk_member,
                              topk_member_reference)
 
 if TYPE_CHECKING:

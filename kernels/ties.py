@@ -32,8 +32,7 @@ from .dispatch import FLT_MAX, LAUNCH_OPTIONS, flat_contiguous, fp32_scalar, jit
 from .rounding import store_rounded
 from .ties_cpu import ties_pieces
 from .radix_passes import segment_size
-# ALL: read by topk_member inside this module's kernels.
-from .topk_threshold import (ALL, KEEP_ALL_ELEMENTS, NO_ELEMENTS, TopK, segment_quotas, topk_member,
+from .topk_threshold import (KEEP_ALL_ELEMENTS, NO_ELEMENTS, TopK, segment_quotas, topk_member,
                              topk_member_reference)
 
 if TYPE_CHECKING:

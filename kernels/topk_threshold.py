@@ -10,8 +10,9 @@ many as m still needs (`TopK.take`). The rule `keep_all` keeps every tie instead
 On the Triton backend a sampled bracket finds τ in one pass over |δ| (bracket_select.py); when the sample
 misses, and on the CPU path, the radix passes below do. Both are exact.
 
-Algorithm of the fallback and the CPU path: radix select. Non-negative fp32 values order like their bit patterns read as unsigned integers,
-so the m-th largest is found digit by digit, most significant first: each pass (radix_passes.py)
+Algorithm of the fallback and the CPU path: radix select. Non-negative fp32 values order like their bit
+patterns read as unsigned integers, so the m-th largest is found digit by digit, most significant first: each
+pass (radix_passes.py)
 histograms one digit over the elements whose higher digits equal the prefix chosen so far, and walking
 the histogram from the top gives the next digit and the rank left inside it. |δ| is recomputed from base
 and expert in every pass: no sort, no index tensor, δ never materialized for a whole tensor. All
@@ -257,11 +258,12 @@ def topk_select(base: torch.Tensor, expert: torch.Tensor, fractions: Sequence[fl
     """The exact top-m selection of |expert − base| for each fraction (m = max(1, ⌊f·n⌋); f = 1: all).
     algorithm: "auto" or "radix" (the radix passes on every backend; for comparing the two)."""
     fractions, _ = _check(fractions, ties, algorithm)
-    if kernel_backend(base, expert, native=True) == "reference":
+    backend = kernel_backend(base, expert, native=True)
+    if backend == "reference":
         return _select_reference([(base, expert)], fractions, ties)
     if all(f >= 1.0 for f in fractions):
         return [TopK(0.0, count=base.numel()) for _ in fractions]
-    if algorithm == "auto" and base.numel() and kernel_backend(base, expert, native=True) == "triton":
+    if algorithm == "auto" and base.numel() and backend == "triton":
         found = _bracket_select(lambda: [(base, expert)], fractions, ties)
         if found is not None:
             return found

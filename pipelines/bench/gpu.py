@@ -245,7 +245,8 @@ def summary(results: dict) -> list:
                      f"{v['threshold_vs_topk']:.2f}x (topk {v['topk_ms']:.3f} ms)",
                      v["threshold_vs_topk"] >= TARGETS["threshold_vs_topk"]))
         if v.get("radix_ms") is not None:
-            rows.append(("thresholds by the radix passes (the bracket's fallback)", f"{v['radix_ms']:.3f} ms", None))
+            rows.append(("thresholds by the radix passes (the bracket's fallback)", f"{v['radix_ms']:.3f} ms",
+                         None))
         rows.append(("thresholds equal torch.kthvalue bit for bit", str(v["thresholds_equal_kthvalue"]),
                      v["thresholds_equal_kthvalue"]))
         for kernel, share in sorted(v["copy_share"].items()):

@@ -145,7 +145,8 @@ def _size_entries(n, dtype, device, repeats, warmup, progress) -> tuple[list, di
     for kernel, impl, fn, nbytes in _cases(base, experts, absdelta):
         seconds, result = _timed(fn, cuda, repeats, warmup)
         entry = {"n": n, "kernel": kernel, "implementation": impl,
-                 "backend": _backend(kernel, base) if impl in ("fused", "radix") else "torch", **_summary(seconds, nbytes)}
+                 "backend": _backend(kernel, base) if impl in ("fused", "radix") else "torch",
+                 **_summary(seconds, nbytes)}
         fused.setdefault(kernel, entry["median_s"])
         entry["vs_fused"] = entry["median_s"] / fused[kernel] if fused[kernel] > 0 else float("nan")
         if copy is not None:

@@ -145,6 +145,10 @@ def mergekit_command(given: str | None = None):
 COMPARABLE = ("ties", "task_arithmetic")
 
 
+def _merge_command(recipe: Path, out: Path, device: str) -> list:
+    return [sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out), "--device", device]
+
+
 def _timed(command, files, label) -> tuple:
     """One measured run of `command` from a warm page cache with no dirty pages pending (a run must not pay
     for the writeback of models just generated or of the previous tool's output): (ProcessRun, error)."""
@@ -204,8 +208,7 @@ def run_merge_benchmark(work: Path, *, size="270m", only=None, mergekit=True, co
         ours_runs, their_runs, their_error = [], [], None
         for _ in range(repeat):
             shutil.rmtree(ours, ignore_errors=True)
-            run, error = _timed([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(ours),
-                                 "--device", "cpu"], files, f"workbench merge of {case.name}")
+            run, error = _timed(_merge_command(recipe, ours, "cpu"), files, f"workbench merge of {case.name}")
             if error:
                 raise RuntimeError(error)
             ours_runs.append(run)
@@ -258,8 +261,7 @@ def device_runs(recipe: Path, cpu_out: Path, work: Path, files, repeat: int = 1,
     runs, same = [], True
     for _ in range(repeat + 1):
         shutil.rmtree(out, ignore_errors=True)
-        run, error = _timed([sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out),
-                             "--device", device], files, f"workbench merge --device {device}")
+        run, error = _timed(_merge_command(recipe, out, device), files, f"workbench merge --device {device}")
         if error:
             return {f"workbench_{device}": {"error": run.output[-1500:]}, "same_bytes_as_cpu": False}
         same = same and output_digests(out) == want

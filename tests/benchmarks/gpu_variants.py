@@ -86,7 +86,9 @@ def main(argv=None):
           flush=True)
 
     want = [torch.kthvalue(absdelta, n - k + 1).values.item() for k in ranks]
-    radix = lambda: [s.tau for s in topk_select(base, experts[0], FRACTIONS, algorithm="radix")]  # noqa: E731
+    def radix():
+        return [s.tau for s in topk_select(base, experts[0], FRACTIONS, algorithm="radix")]
+
     radix_s = timed(radix)
     rows.append({"kernel": "thresholds radix", "block": radix_passes.BLOCK, "seconds": radix_s,
                  "equal": radix() == want, "vs_topk": topk_s / radix_s})
