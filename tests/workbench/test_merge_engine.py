@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from workbench.errors import IncompatibleModelsError, NonFiniteError
+from workbench.errors import ConfigError, IncompatibleModelsError, NonFiniteError
 from workbench.merge.engine import load_recipe, resolve_paths, run_merge
 from workbench.merge.layer_swap import layer_alphas
 
@@ -187,6 +187,7 @@ def test_copies_are_checked_and_written_in_parts_with_the_same_bytes(tmp_path, t
     import workbench.checkpoint.writer as writer_module
     import workbench.merge.engine as engine_module
     from safetensors.torch import save_file
+    from workbench.merge.staging import Inputs
 
     base_dir, base = tiny_llama_factory("base", seed=0, layers=6)
     lang_dir, lang = tiny_llama_factory("lang", seed=1, layers=6, base_state=base, delta_scale=0.05)
@@ -196,10 +197,10 @@ def test_copies_are_checked_and_written_in_parts_with_the_same_bytes(tmp_path, t
         "embeddings": "task", "lm_head": "language", "final_norm": "base"}}
     whole, _ = merge(tmp_path, recipe, "whole")
     released = []
-    real_release = engine_module._Inputs.release_part
+    real_release = Inputs.release_part
     monkeypatch.setattr(engine_module, "PART_BYTES", 4096)
     monkeypatch.setattr(writer_module, "PART_BYTES", 4096)
-    monkeypatch.setattr(engine_module._Inputs, "release_part",
+    monkeypatch.setattr(Inputs, "release_part",
                         lambda self, op, ref, a, b: (released.append((op.name, a, b)), real_release(self, op, ref, a, b)))
     parts, _ = merge(tmp_path, recipe, "parts")
     assert (whole.out_dir / "model.safetensors").read_bytes() == (parts.out_dir / "model.safetensors").read_bytes()
@@ -396,3 +397,71 @@ def test_errors_name_only_the_options_the_caller_has(tmp_path, tiny_llama_factor
     assert str(err.value).endswith("NaN/Inf in the delta of " + str(exp_dir) + " (1) (in the expert or in the base "
                                    + str(base_dir) + "); fix the model")
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_bad_overlap_setting_fails_before_any_output(tmp_path, bf16_family, monkeypatch):
+    (b_dir, _), (l_dir, _) = bf16_family["base"], bf16_family["lang"]
+    monkeypatch.setenv("WORKBENCH_CUDA_OVERLAP", "yes")
+    with pytest.raises(ConfigError) as err:
+        merge(tmp_path, {"method": "task_arithmetic", "base": str(b_dir), "models": [{"model": str(l_dir)}]}, "o")
+    assert str(err.value) == ("environment variable WORKBENCH_CUDA_OVERLAP='yes': expected 1 (overlap a CUDA "
+                              "merge's copies with its compute, the default) or 0 (serial copies)")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_failed_wait_for_an_output_stops_the_merge_and_its_writes(tmp_path, tiny_llama_factory):
+    """The writer thread waits for each output's download before writing it (`ready`); where that wait
+    fails, the error reaches the engine's thread and the unfinished output is not left as a result."""
+    from workbench.checkpoint import ShardedWriter
+    from workbench.merge.engine import _WriteBehind
+
+    base_dir, base = tiny_llama_factory("base", seed=0)
+    names = sorted(base)
+    writer = ShardedWriter(tmp_path / "out", [(n, tuple(base[n].shape), base[n].dtype) for n in names])
+    behind = _WriteBehind(writer)
+    waited = []
+    behind.submit(names[0], base[names[0]], {"op": "copy"}, ready=lambda: waited.append(names[0]))
+    behind.wait()
+    assert waited == [names[0]] and writer.records()[names[0]] == {"op": "copy"}
+
+    def lost():
+        raise RuntimeError("the download of the output failed")
+
+    behind.submit(names[1], base[names[1]], {"op": "copy"}, ready=lost)
+    with pytest.raises(RuntimeError, match="the download of the output failed"):
+        behind.drain()
+    assert names[1] not in writer.records()
+    writer.abandon(keep=False)
+    assert not (tmp_path / "out").exists()
+
+
+CUDA_METHODS = {
+    "task_arithmetic": {"lambda": 0.8},
+    "ties": {"density": 0.3},
+    "ties_sv": {"density": 0.3, "slack": 0.1},
+    "dare_ties": {"density": 0.5, "seed": 3},
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overlap", ["1", "0"])
+@pytest.mark.parametrize("method", sorted(CUDA_METHODS) + ["layer_swap"])
+def test_cuda_merges_write_the_cpu_bytes(tmp_path, bf16_family, monkeypatch, method, overlap):
+    """Overlapped copies (WORKBENCH_CUDA_OVERLAP=1, the default) and serial ones write the CPU's bytes."""
+    (b_dir, _), (l_dir, _), (t_dir, _) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
+    monkeypatch.setenv("WORKBENCH_CUDA_OVERLAP", overlap)
+    if method == "layer_swap":
+        recipe = {"method": "layer_swap", "base": str(b_dir),
+                  "layer_swap": {"language": str(l_dir), "task": str(t_dir), "bottom": 1, "top": 1,
+                                 "transition": 1}}
+    else:
+        extra = dict(CUDA_METHODS[method])
+        top = {k: extra.pop(k) for k in ("lambda", "seed") if k in extra}
+        recipe = {"method": method, "base": str(b_dir), **top,
+                  "models": [{"model": str(l_dir), **extra}, {"model": str(t_dir), **extra}]}
+    cpu, _ = merge(tmp_path, recipe, "cpu", device="cpu", max_shard_bytes=100_000)
+    cuda, _ = merge(tmp_path, recipe, "cuda", device="cuda", max_shard_bytes=100_000)
+    shards = sorted(p.name for p in cpu.out_dir.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in cuda.out_dir.glob("*.safetensors"))
+    for name in shards:
+        assert (cpu.out_dir / name).read_bytes() == (cuda.out_dir / name).read_bytes(), name

@@ -4,8 +4,9 @@ Peak memory is about (T + 2) × the largest tensor: each input tensor is a priva
 its file, released as soon as its output is computed (or, where the output is the input, written). On CPU
 every output is computed into one of two reusable buffers: writing over a map's pages would copy each page
 on first write (docs/benchmarks.md, "Whole merges against mergekit", has the measurement); on GPU the output
-may be written over the base's device copy. A writer thread writes, hashes and fsyncs op i's output while
-op i + 1 is computed into the other buffer (`_WriteBehind`).
+may be written over the base's device copy, and copies to and from the GPU overlap its compute
+(`staging.Inputs`). A writer thread writes, hashes and fsyncs op i's output while op i + 1 is computed into
+the other buffer (`_WriteBehind`).
 An interrupted merge resumes from its last finished shard; the output directory appears only when
 complete (the writer renames it into place). The output never touches an input, and one merge at a time
 writes it (workbench/outputs.py); a failed merge leaves a `.partial` only when a rerun can resume from it.
@@ -37,6 +38,7 @@ from workbench.merge.methods import Expert, TensorMerge, merge_tensor, tensor_se
 from workbench.merge.model_card import publication
 from workbench.merge.plan import build_plan
 from workbench.merge.recipe import MergeRecipe
+from workbench.merge.staging import Inputs, overlap_setting
 from workbench.outputs import OutputLock, check_apart, writer_paths
 from workbench.provenance import file_identity, fingerprint
 from workbench.user_files import refuse_special
@@ -82,49 +84,6 @@ def _pick_device(requested):
         raise ConfigError("device 'cuda' was asked for (by the recipe's device key, or workbench merge --device), "
                           "but no CUDA device is available; expected device cpu or auto")
     return torch.device(requested)
-
-
-class _Inputs:
-    """Input tensors for each op: copy-on-write maps on CPU; on GPU, pinned copies fetched one op ahead."""
-
-    def __init__(self, readers: dict, device: torch.device):
-        self.readers, self.device = readers, device
-        self.pool = ThreadPoolExecutor(max_workers=1) if device.type == "cuda" else None
-        self.ahead = {}
-
-    def _load(self, op):
-        out = {}
-        for ref in op.inputs():
-            reader = self.readers[ref]
-            if self.pool is None:
-                out[ref] = reader.get(op.name)
-            else:
-                spec = reader.spec(op.name)
-                buf = torch.empty(spec.shape, dtype=spec.dtype, pin_memory=True)
-                out[ref] = reader.read_into(op.name, buf)
-        return out
-
-    def prefetch(self, op):
-        if self.pool is not None and op is not None and op.name not in self.ahead:
-            self.ahead[op.name] = self.pool.submit(self._load, op)
-
-    def take(self, op) -> dict:
-        tensors = self.ahead.pop(op.name).result() if op.name in self.ahead else self._load(op)
-        if self.device.type != "cpu":
-            tensors = {ref: t.to(self.device, non_blocking=True) for ref, t in tensors.items()}
-        return tensors
-
-    def release(self, op):
-        for ref in op.inputs():
-            self.readers[ref].release(op.name)
-
-    def release_part(self, op, ref, start, end):
-        """Drop the pages of bytes [start, end) of input `ref`'s tensor for `op` (read, no longer needed)."""
-        self.readers[ref].release(op.name, start, end)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
 
 
 class _Scratch:
@@ -321,15 +280,16 @@ def run_merge(recipe: MergeRecipe, models: dict, out_dir, *, device=None, allow_
     paths = writer_paths(out_dir)
     check_apart(paths, {**{ref: models[ref] for ref in recipe.references()}, **(protected or {})})
     device = _pick_device(device or recipe.device)
+    overlap = overlap_setting()  # a bad WORKBENCH_CUDA_OVERLAP fails here, before any output
     with OutputLock(paths["lock file"], f"output {paths['output']}") as lock:
         return _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, max_shard_bytes,
-                             progress, nonfinite_option, started, lock, card)
+                             progress, nonfinite_option, started, lock, card, overlap)
 
 
 def _merge_locked(recipe, models, out_dir, device, allow_nonfinite, overwrite, max_shard_bytes, progress,
-                  nonfinite_option, started, lock, card) -> MergeResult:
+                  nonfinite_option, started, lock, card, overlap) -> MergeResult:
     readers = {ref: ModelReader(models[ref]) for ref in recipe.references()}
-    inputs = _Inputs(readers, device)
+    inputs = Inputs(readers, device, overlap)
     writer = None
     try:
         compat = check_compatible(readers, extended_vocab=extended_label(readers))
@@ -407,7 +367,8 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 class _WriteBehind:
     """The writer's work (file writes, sha256, each shard's fsync) on one thread, one output behind the
     compute: op i is written while op i + 1 is computed. At most one write is in flight; an error in it is
-    raised in the engine's thread at the next `submit` or at `drain`."""
+    raised in the engine's thread at the next `submit` or at `drain`. `ready`, where given, is called on the
+    writer thread before the write (it waits for the output's download from the GPU)."""
 
     def __init__(self, writer):
         self.writer = writer
@@ -419,10 +380,12 @@ class _WriteBehind:
         if future is not None:
             future.result()
 
-    def submit(self, name, tensor, record, then=None, written=None):
+    def submit(self, name, tensor, record, then=None, written=None, ready=None):
         self.wait()
 
         def work():
+            if ready is not None:
+                ready()
             self.writer.write(name, tensor, record, written=written)
             if then is not None:
                 then()
@@ -448,10 +411,13 @@ def _stream(pending, inputs, executor, writer, recipe, progress):
             executor.scratch.next_op()
             tensors = inputs.take(op)
             out, record = executor.compute(op, tensors, release=partial(inputs.release_part, op) if on_cpu else None)
-            out = out.cpu() if out.device.type != "cpu" else out
             copied = op.kind == "copy" and out.data_ptr() == tensors[op.source].data_ptr()
             del tensors
-            if executor.scratch.owns(out) or not on_cpu:
+            if not on_cpu:
+                out, ready = inputs.to_host(out)
+                behind.submit(op.name, out, record, ready=ready)
+                inputs.release(op)
+            elif executor.scratch.owns(out):
                 behind.submit(op.name, out, record)
                 inputs.release(op)
             else:  # the output may be an input's map (a copy op's is): the op's pages go once it is written,
