@@ -2,6 +2,7 @@
 
 Five parts, each reported on its own, then one summary against the GPU targets (docs/benchmarks.md):
 1. tests: the kernel tests (tests/kernels of a checkout), compiled on CUDA: every Triton launch for real;
+   and the merge engine's CUDA tests (tiny merges, copies overlapped and serial, against the CPU's bytes);
 2. kernels: `bench kernels --device cuda`: the fused kernels against their references, torch.topk and the
    device-to-device copy bandwidth;
 3. merges: every merge method on CPU and on CUDA (`bench merge --device cuda`): times and byte equality;
@@ -30,6 +31,8 @@ from workbench.pipelines.bench.pretrain import pretrain_throughput
 from workbench.pipelines.corpus import clean_text
 
 PARTS = ("tests", "kernels", "merges", "adapt", "pretrain")
+# Whole tiny merges on CUDA, copies overlapped and serial, against the CPU's bytes (skipped without CUDA).
+CUDA_MERGE_TESTS = "workbench/test_merge_engine.py::test_cuda_merges_write_the_cpu_bytes"
 # SmolLM2-135M-Instruct's shape (the micro profiles' base), with the generated tokenizer's vocabulary.
 MICRO_BASE_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                         num_key_value_heads=3, tie_word_embeddings=True)
@@ -61,10 +64,13 @@ def environment() -> dict:
 
 
 def run_kernel_tests(tests_dir: Path, workers: int) -> dict:
-    """pytest on the kernel tests in a child process; counts of passed, failed, skipped."""
+    """pytest on the kernel tests, and the merge engine's CUDA tests, in a child process; counts of passed,
+    failed, skipped."""
     if not (tests_dir / "kernels").is_dir():
         return {"not_run": f"{tests_dir / 'kernels'}: no kernel tests here (run from a checkout, or pass --tests)"}
     command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests_dir / "kernels")]
+    if (tests_dir / CUDA_MERGE_TESTS.split("::")[0]).is_file():
+        command.append(str(tests_dir / CUDA_MERGE_TESTS))
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         command += ["-n", str(workers)]
     started = time.perf_counter()
@@ -270,6 +276,11 @@ def summary(results: dict) -> list:
                 rows.append((f"merge {name}: CUDA not slower than CPU",
                              f"CUDA {cuda['seconds']:.2f} s{first}, CPU {row['workbench']['seconds']:.2f} s",
                              cuda["seconds"] <= row["workbench"]["seconds"]))
+            serial = row.get("workbench_cuda_serial", {})
+            if "seconds" in serial or "error" in serial:
+                rows.append((f"merge {name}: CUDA with serial copies (WORKBENCH_CUDA_OVERLAP=0)",
+                             f"{serial['seconds']:.2f} s" if "seconds" in serial else serial["error"][-200:],
+                             False if "error" in serial else None))
     elif "error" in merges:
         rows.append(("merges on CPU and CUDA", merges["error"][:200], False))
     adapt = results.get("adapt")

@@ -17,6 +17,7 @@ import torch
 
 from workbench.checkpoint import ShardedWriter
 from workbench.errors import ConfigError
+from workbench.merge.staging import OVERLAP_ENV
 from workbench.pipelines.bench.compare import compare_merges, format_comparison, targets_met
 from workbench.pipelines.bench.processes import run_measured, warm_page_cache
 from workbench.provenance import file_sha256
@@ -149,12 +150,12 @@ def _merge_command(recipe: Path, out: Path, device: str) -> list:
     return [sys.executable, "-m", "workbench", "merge", str(recipe), "--out", str(out), "--device", device]
 
 
-def _timed(command, files, label) -> tuple:
+def _timed(command, files, label, env=None) -> tuple:
     """One measured run of `command` from a warm page cache with no dirty pages pending (a run must not pay
     for the writeback of models just generated or of the previous tool's output): (ProcessRun, error)."""
     warm_page_cache(files)
     os.sync()
-    run = run_measured(command)
+    run = run_measured(command, env=env)
     return run, (None if run.returncode == 0 else f"{label} failed:\n{run.output[-2000:]}")
 
 
@@ -255,20 +256,32 @@ def device_runs(recipe: Path, cpu_out: Path, work: Path, files, repeat: int = 1,
     """The same recipe merged on `device`: a first run, then `repeat` more (median time, highest peak RSS),
     and whether every run's weight files equal the CPU's. The first run pays once for what later runs find
     cached (on CUDA, Triton compiling this method's kernels into its cache on a fresh machine); it is
-    reported apart (`first_seconds`) so that the median compares with the CPU's warm runs like for like."""
+    reported apart (`first_seconds`) so that the median compares with the CPU's warm runs like for like.
+    Then `repeat` runs with serial copies (WORKBENCH_CUDA_OVERLAP=0; a CPU merge has no copies to
+    overlap) measure what overlapping the GPU's copies with its compute gains (`workbench_<device>_serial`),
+    their bytes checked too."""
     out = work / f"{cpu_out.name}-{device}"
     want = output_digests(cpu_out)
-    runs, same = [], True
-    for _ in range(repeat + 1):
-        shutil.rmtree(out, ignore_errors=True)
-        run, error = _timed(_merge_command(recipe, out, device), files, f"workbench merge --device {device}")
-        if error:
-            return {f"workbench_{device}": {"error": run.output[-1500:]}, "same_bytes_as_cpu": False}
-        same = same and output_digests(out) == want
-        runs.append(run)
+    variants = [("overlapped", None, repeat + 1), ("serial", {**os.environ, OVERLAP_ENV: "0"}, repeat)]
+    row, same = {}, True
+    for variant, env, count in variants:
+        runs = []
+        for _ in range(count):
+            shutil.rmtree(out, ignore_errors=True)
+            run, error = _timed(_merge_command(recipe, out, device), files,
+                                f"workbench merge --device {device} ({variant} copies)", env=env)
+            if error:
+                shutil.rmtree(out, ignore_errors=True)
+                return {**row, f"workbench_{device}" + ("_serial" if env else ""): {"error": run.output[-1500:]},
+                        "same_bytes_as_cpu": False}
+            same = same and output_digests(out) == want
+            runs.append(run)
+        if env is None:
+            row[f"workbench_{device}"] = {**_summary(runs[1:]), "first_seconds": round(runs[0].seconds, 2)}
+        else:
+            row[f"workbench_{device}_serial"] = _summary(runs)
     shutil.rmtree(out, ignore_errors=True)
-    return {f"workbench_{device}": {**_summary(runs[1:]), "first_seconds": round(runs[0].seconds, 2)},
-            "same_bytes_as_cpu": same}
+    return {**row, "same_bytes_as_cpu": same}
 
 
 def format_table(results: dict) -> str:
@@ -288,14 +301,15 @@ def format_table(results: dict) -> str:
                      f"{row.get('time_ratio', float('nan')):>7.2f} {row.get('rss_ratio', float('nan')):>6.2f}")
     on_cuda = [(name, row) for name, row in results["cases"].items() if "workbench_cuda" in row]
     if on_cuda:
-        lines.append(f"{'case':<16} {'CPU s':>7} {'CUDA s':>7} {'first':>7}  CUDA output (first: the run that "
-                     f"compiles the kernels)")
+        lines.append(f"{'case':<16} {'CPU s':>7} {'CUDA s':>7} {'first':>7} {'serial':>7}  CUDA output (first: "
+                     f"the run that compiles the kernels; serial: WORKBENCH_CUDA_OVERLAP=0)")
         for name, row in on_cuda:
-            cuda = row["workbench_cuda"]
-            verdict = "FAILED" if "error" in cuda else ("same bytes as CPU" if row["same_bytes_as_cpu"]
-                                                        else "DIFFERS from CPU")
+            cuda, serial = row["workbench_cuda"], row.get("workbench_cuda_serial", {})
+            failed = "error" in cuda or "error" in serial
+            verdict = "FAILED" if failed else ("same bytes as CPU" if row["same_bytes_as_cpu"] else "DIFFERS from CPU")
             lines.append(f"{name:<16} {row['workbench']['seconds']:>7.2f} {cuda.get('seconds', float('nan')):>7.2f}"
-                         f" {cuda.get('first_seconds', float('nan')):>7.2f}  {verdict}")
+                         f" {cuda.get('first_seconds', float('nan')):>7.2f} {serial.get('seconds', float('nan')):>7.2f}"
+                         f"  {verdict}")
     compared = [(name, row["comparison"]) for name, row in results["cases"].items() if "comparison" in row]
     if compared:
         lines.append("output against mergekit's (issue 17's targets: < 1e-4 differ outside the tied band, here both "

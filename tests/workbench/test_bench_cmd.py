@@ -166,9 +166,10 @@ def test_device_runs_report_the_first_run_apart_and_compare_bytes(tmp_path):
         {"model": str(models["expert_a"]), "density": 0.2}, {"model": str(models["expert_b"]), "density": 0.2}]}))
     files = [f for m in models.values() for f in m.glob("*.safetensors")]
     row = device_runs(path, reference, tmp_path, files, repeat=2, device="cpu")
-    runs = row["workbench_cpu"]
+    runs, serial = row["workbench_cpu"], row["workbench_cpu_serial"]
     assert row["same_bytes_as_cpu"] is True, row
     assert runs["first_seconds"] > 0 and len(runs["runs_seconds"]) == 2 and runs["seconds"] > 0
+    assert len(serial["runs_seconds"]) == 2 and serial["seconds"] > 0
     assert not (tmp_path / "reference-cpu").exists()
 
 
