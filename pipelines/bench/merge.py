@@ -262,24 +262,19 @@ def device_runs(recipe: Path, cpu_out: Path, work: Path, files, repeat: int = 1,
     their bytes checked too."""
     out = work / f"{cpu_out.name}-{device}"
     want = output_digests(cpu_out)
-    variants = [("overlapped", None, repeat + 1), ("serial", {**os.environ, OVERLAP_ENV: "0"}, repeat)]
     row, same = {}, True
-    for variant, env, count in variants:
+    for key, env, first in ((f"workbench_{device}", None, True),
+                            (f"workbench_{device}_serial", {**os.environ, OVERLAP_ENV: "0"}, False)):
         runs = []
-        for _ in range(count):
+        for _ in range(repeat + first):
             shutil.rmtree(out, ignore_errors=True)
-            run, error = _timed(_merge_command(recipe, out, device), files,
-                                f"workbench merge --device {device} ({variant} copies)", env=env)
+            run, error = _timed(_merge_command(recipe, out, device), files, f"workbench merge --device {device} ({key})", env=env)
             if error:
                 shutil.rmtree(out, ignore_errors=True)
-                return {**row, f"workbench_{device}" + ("_serial" if env else ""): {"error": run.output[-1500:]},
-                        "same_bytes_as_cpu": False}
+                return {**row, key: {"error": run.output[-1500:]}, "same_bytes_as_cpu": False}
             same = same and output_digests(out) == want
             runs.append(run)
-        if env is None:
-            row[f"workbench_{device}"] = {**_summary(runs[1:]), "first_seconds": round(runs[0].seconds, 2)}
-        else:
-            row[f"workbench_{device}_serial"] = _summary(runs)
+        row[key] = {**_summary(runs[1:]), "first_seconds": round(runs[0].seconds, 2)} if first else _summary(runs)
     shutil.rmtree(out, ignore_errors=True)
     return {**row, "same_bytes_as_cpu": same}
 

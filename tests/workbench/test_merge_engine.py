@@ -435,17 +435,18 @@ def test_a_failed_wait_for_an_output_stops_the_merge_and_its_writes(tmp_path, ti
     assert not (tmp_path / "out").exists()
 
 
-CUDA_METHODS = {
-    "task_arithmetic": {"lambda": 0.8},
-    "ties": {"density": 0.3},
-    "ties_sv": {"density": 0.3, "slack": 0.1},
-    "dare_ties": {"density": 0.5, "seed": 3},
+# method: (recipe keys, each expert's keys)
+CUDA_RECIPES = {
+    "task_arithmetic": ({"lambda": 0.8}, {}),
+    "ties": ({}, {"density": 0.3}),
+    "ties_sv": ({}, {"density": 0.3, "slack": 0.1}),
+    "dare_ties": ({"seed": 3}, {"density": 0.5}),
 }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("overlap", ["1", "0"])
-@pytest.mark.parametrize("method", sorted(CUDA_METHODS) + ["layer_swap"])
+@pytest.mark.parametrize("method", sorted(CUDA_RECIPES) + ["layer_swap"])
 def test_cuda_merges_write_the_cpu_bytes(tmp_path, bf16_family, monkeypatch, method, overlap):
     """Overlapped copies (WORKBENCH_CUDA_OVERLAP=1, the default) and serial ones write the CPU's bytes."""
     (b_dir, _), (l_dir, _), (t_dir, _) = bf16_family["base"], bf16_family["lang"], bf16_family["task"]
@@ -455,10 +456,9 @@ def test_cuda_merges_write_the_cpu_bytes(tmp_path, bf16_family, monkeypatch, met
                   "layer_swap": {"language": str(l_dir), "task": str(t_dir), "bottom": 1, "top": 1,
                                  "transition": 1}}
     else:
-        extra = dict(CUDA_METHODS[method])
-        top = {k: extra.pop(k) for k in ("lambda", "seed") if k in extra}
+        top, each = CUDA_RECIPES[method]
         recipe = {"method": method, "base": str(b_dir), **top,
-                  "models": [{"model": str(l_dir), **extra}, {"model": str(t_dir), **extra}]}
+                  "models": [{"model": str(l_dir), **each}, {"model": str(t_dir), **each}]}
     cpu, _ = merge(tmp_path, recipe, "cpu", device="cpu", max_shard_bytes=100_000)
     cuda, _ = merge(tmp_path, recipe, "cuda", device="cuda", max_shard_bytes=100_000)
     shards = sorted(p.name for p in cpu.out_dir.glob("*.safetensors"))

@@ -41,9 +41,9 @@ def overlap_setting() -> bool:
 class Inputs:
     """Input tensors for each op on the merge's device; `to_host` brings an output back."""
 
-    def __init__(self, readers: dict, device: torch.device, overlap: bool | None = None):
+    def __init__(self, readers: dict, device: torch.device, overlap: bool):
+        """overlap: `overlap_setting()`, read by the caller before any output (it matters on CUDA only)."""
         self.readers, self.device = readers, device
-        overlap = overlap_setting() if overlap is None else overlap  # checked on every device: a typo fails
         on_cuda = device.type == "cuda"
         self.overlap = on_cuda and overlap
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") if on_cuda else None
